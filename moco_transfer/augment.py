@@ -1,0 +1,68 @@
+"""MoCo augmentations (v1 and v2's aug+) and the evaluation transform, sized for any input resolution."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _blur_kernel(image_size: int) -> int:
+    """Odd kernel about 10% of the crop, as SimCLR's blur (23 px at 224)."""
+    k = max(3, int(0.1 * image_size))
+    return k if k % 2 else k + 1
+
+
+def moco_v2_augmentation(image_size: int = 224) -> T.Compose:
+    """aug+: v1's crop/grayscale/flip plus weaker-hue jitter at p=0.8 and Gaussian blur sigma in [0.1, 2]."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def moco_v1_augmentation(image_size: int = 224) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomGrayscale(p=0.2),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(image_size: int = 224) -> T.Compose:
+    """Resize to 256/224 of the crop, then center crop (Resize 256 + CenterCrop 224 at ImageNet size)."""
+    return T.Compose([
+        T.Resize(round(image_size * 256 / 224)),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def linear_train_transform(image_size: int = 224) -> T.Compose:
+    """The linear protocol's training transform: RandomResizedCrop (scale 0.08-1) and flip."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class TwoCrops:
+    """Two independent draws of the same augmentation: the query and the key view."""
+
+    def __init__(self, transform: T.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, image):  # noqa: ANN001, ANN204 - a PIL image in, two tensors out
+        return [self.transform(image), self.transform(image)]

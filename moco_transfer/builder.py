@@ -1,0 +1,100 @@
+"""The MoCo model: query encoder, momentum key encoder, queue of negative keys, InfoNCE logits.
+
+The constructor and forward keep the interface of the official MoCo builder
+(`MoCo(base_encoder, dim, K, m, T, mlp)`, `forward(im_q, im_k) -> logits, labels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as du
+from .backbone import add_mlp_head
+
+
+class MoCo(nn.Module):
+    def __init__(
+        self,
+        base_encoder: Callable[..., nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:
+            add_mlp_head(self.encoder_q)
+            add_mlp_head(self.encoder_k)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._params_q = list(self.encoder_q.parameters())
+        self._params_k = list(self.encoder_k.parameters())
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - keeps the cached parameter lists valid after .to()
+        out = super()._apply(fn, recurse)
+        self._params_q = list(self.encoder_q.parameters())
+        self._params_k = list(self.encoder_k.parameters())
+        return out
+
+    @torch.no_grad()
+    def momentum_update_key_encoder(self) -> None:
+        """k <- m * k + (1 - m) * q for every parameter, as one fused multi-tensor op."""
+        torch._foreach_lerp_(self._params_k, self._params_q, 1.0 - self.m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        keys = du.concat_all_gather(keys).to(self.queue.dtype)
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.K % batch_size:
+            raise ValueError(f"queue size K={self.K} must be a multiple of the global batch {batch_size}")
+        self.queue[:, ptr:ptr + batch_size] = keys.T
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    @torch.no_grad()
+    def _shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Permute the key batch (across all ranks when distributed); returns the slice and the inverse."""
+        if not du.is_distributed():
+            perm = torch.randperm(x.shape[0], device=x.device)
+            return x[perm], torch.argsort(perm)
+        local = x.shape[0]
+        x_all = du.concat_all_gather(x)
+        perm = torch.randperm(x_all.shape[0], device=x.device)
+        dist.broadcast(perm, src=0)
+        mine = perm.view(du.world_size(), local)[du.rank()]
+        return x_all[mine], torch.argsort(perm)
+
+    @torch.no_grad()
+    def _unshuffle(self, k: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        if not du.is_distributed():
+            return k[inverse]
+        local = k.shape[0]
+        k_all = du.concat_all_gather(k)[inverse]
+        return k_all[du.rank() * local:(du.rank() + 1) * local]
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self.momentum_update_key_encoder()
+            shuffled, inverse = self._shuffle(im_k)
+            k = F.normalize(self.encoder_k(shuffled), dim=1)
+            k = self._unshuffle(k, inverse)
+        q, k = q.float(), k.float()
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = q @ self.queue.clone().detach()
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self.dequeue_and_enqueue(k)
+        return logits, labels
