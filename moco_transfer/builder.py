@@ -34,7 +34,7 @@ class MoCo(nn.Module):
         if mlp:
             add_mlp_head(self.encoder_q)
             add_mlp_head(self.encoder_k)
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
             param_k.data.copy_(param_q.data)
             param_k.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
