@@ -1,0 +1,243 @@
+"""Turn a MoCo checkpoint's query encoder into weights that detection and classification code loads.
+
+Targets: detectron2 (a pickle of numpy arrays under detectron2's ResNet names, the format of the MoCo
+authors' converter) and torchvision (a plain state_dict for `torchvision.models.<arch>()`). The backbone is
+checked against the torchvision architecture before anything is written, so a wrong or partial checkpoint
+fails here with the missing names instead of loading silently into random weights later.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, query_encoder_state
+
+TARGETS = ("detectron2", "torchvision")
+D2_AUTHOR = "MOCO"
+_LAYER_RE = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+_BN_RE = re.compile(r"^bn([1-3])\.(.+)$")
+_DOWNSAMPLE_RE = re.compile(r"^downsample\.([01])\.(.+)$")
+# torchvision ResNet depth -> (block kind, blocks per stage); used to name the architecture of a checkpoint
+# that does not record it (the official release does record "arch").
+_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): "resnet18",
+    ("basic", (3, 4, 6, 3)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3)): "resnet152",
+}
+
+
+@dataclass
+class Backbone:
+    """The query encoder of a checkpoint, validated against a torchvision architecture."""
+
+    source: str
+    arch: str
+    state: dict[str, torch.Tensor]
+    skipped_head: list[str] = field(default_factory=list)
+    epoch: int | None = None
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote; `format()` is the text the CLI prints."""
+
+    source: str
+    output: str
+    target: str
+    arch: str
+    epoch: int | None
+    tensors: int
+    parameters: int
+    skipped_head: list[str]
+    missing_in_target: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"converted {self.source} -> {self.output} (target {self.target}, arch {self.arch}"
+            + (f", epoch {self.epoch})" if self.epoch is not None else ")"),
+            f"  tensors written: {self.tensors}  parameters: {self.parameters:,}",
+            f"  skipped head keys ({len(self.skipped_head)}): "
+            + (", ".join(self.skipped_head) if self.skipped_head else "none"),
+        ]
+        if self.missing_in_target:
+            lines.append(f"  left for the target to initialise: {', '.join(self.missing_in_target)}")
+        return "\n".join(lines)
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet name matching the block kind and blocks per stage, or None."""
+    blocks = []
+    for stage in range(1, 5):
+        idx = {int(m.group(2)) for k in state if (m := _LAYER_RE.match(k)) and m.group(1) == str(stage)}
+        blocks.append(max(idx) + 1 if idx else 0)
+    kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
+    return _DEPTHS.get((kind, tuple(blocks)))
+
+
+def _reference_state(arch: str) -> dict[str, torch.Size]:
+    """Names and shapes of torchvision's `arch` without its fc, built on the meta device (no memory, no init)."""
+    if arch not in torchvision.models.list_models(module=torchvision.models) or not arch.startswith(
+            ("resnet", "resnext", "wide_resnet")):
+        raise CheckpointError(f"unsupported architecture {arch!r}: expected a torchvision ResNet")
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)()
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def check_backbone(state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys against torchvision's `arch`."""
+    ref = _reference_state(arch)
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} != {tuple(ref[k])}"
+                    for k in set(ref) & set(state) if tuple(state[k].shape) != tuple(ref[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} backbone keys (e.g. {', '.join(missing[:6])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:6])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:4])})")
+    if problems:
+        raise CheckpointError(f"{source}: query encoder does not match torchvision {arch}: " + "; ".join(problems))
+
+
+def load_backbone(path: str | os.PathLike, arch: str | None = None) -> Backbone:
+    """Read a MoCo checkpoint (this project's or an official release) with weights_only=True and validate it.
+
+    `arch` overrides the checkpoint's own "arch" entry; without either it is inferred from the block layout.
+    """
+    ckpt = load_checkpoint(path)
+    full = query_encoder_state(ckpt["state_dict"], source=f"checkpoint {path}", keep_head=True)
+    state = {k: v for k, v in full.items() if not k.startswith("fc.")}
+    skipped = sorted(k for k in full if k.startswith("fc."))
+    arch = arch or ckpt.get("arch") or infer_arch(state)
+    if not arch:
+        raise CheckpointError(f"checkpoint {path}: cannot tell the ResNet architecture (no 'arch' entry and "
+                              f"no standard block layout); pass it explicitly")
+    check_backbone(state, arch, f"checkpoint {path}")
+    epoch = ckpt.get("epoch")
+    return Backbone(source=str(path), arch=str(arch), state=state, skipped_head=skipped,
+                    epoch=int(epoch) if isinstance(epoch, int | torch.Tensor) else None)
+
+
+def detectron2_name(key: str) -> str:
+    """torchvision ResNet key -> detectron2 ResNet key (stem.conv1.norm, res2..5, convN.norm, shortcut.norm)."""
+    m = _LAYER_RE.match(key)
+    if m is None:
+        head, rest = "stem", key
+    else:
+        head, rest = f"res{int(m.group(1)) + 1}.{m.group(2)}", m.group(3)
+    if bn := _BN_RE.match(rest):
+        rest = f"conv{bn.group(1)}.norm.{bn.group(2)}"
+    elif ds := _DOWNSAMPLE_RE.match(rest):
+        rest = f"shortcut.{ds.group(2)}" if ds.group(1) == "0" else f"shortcut.norm.{ds.group(2)}"
+    return f"{head}.{rest}"
+
+
+def to_detectron2(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Rename every tensor and turn it into a numpy array (detectron2's pickle format holds numpy)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        name = detectron2_name(key)
+        if name in out:
+            raise CheckpointError(f"two keys map to detectron2 name {name!r}")
+        out[name] = value.detach().cpu().numpy()
+    return out
+
+
+def detectron2_payload(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The dict detectron2's checkpointer reads as a non-Caffe2 pickle with suffix matching on."""
+    return {"model": to_detectron2(state), "__author__": D2_AUTHOR, "matching_heuristics": True}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, scalars and numpy arrays: a detectron2 weights file needs nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_detectron2_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a detectron2 .pkl weights file the user passed explicitly as such.
+
+    Pickle is the format detectron2 defines for these files; we unpickle with an allow-list of numpy types only,
+    so a hostile file fails instead of running code. Returns the dict with its "model" mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"detectron2 weights {path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            obj = _NumpyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:
+        raise CheckpointError(f"detectron2 weights {path}: not a readable detectron2 pickle "
+                              f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("model", obj.get("blobs")), dict):
+        raise CheckpointError(f"detectron2 weights {path}: expected a dict with a 'model' mapping")
+    return obj
+
+
+def _write_pickle(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, target: str = "detectron2",
+            force: bool = False, arch: str | None = None) -> ConversionSummary:
+    """Convert `checkpoint` to `target` at `output`; refuses to overwrite an existing file unless `force`."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    output = Path(output)
+    if output.exists() and not force:
+        raise FileExistsError(f"output {output} exists; pass --force to overwrite it")
+    if output.exists() and output.is_dir():
+        raise IsADirectoryError(f"output {output} is a folder; expected a file path")
+    bb = load_backbone(checkpoint, arch=arch)
+    missing: list[str] = []
+    if target == "detectron2":
+        payload = detectron2_payload(bb.state)
+        _write_pickle(payload, output)
+        written = payload["model"]
+    else:
+        written = {k: v.detach().cpu().clone() for k, v in bb.state.items()}
+        atomic_save(written, output)
+        missing = ["fc.weight", "fc.bias"]
+    tensors = len(written)
+    params = sum(int(np.prod(v.shape)) for k, v in written.items() if "running_" not in k
+                 and "num_batches_tracked" not in k)
+    return ConversionSummary(source=str(checkpoint), output=str(output), target=target, arch=bb.arch,
+                             epoch=bb.epoch, tensors=tensors, parameters=params, skipped_head=bb.skipped_head,
+                             missing_in_target=missing)
