@@ -1,0 +1,55 @@
+"""A tiny PASCAL VOC tree written by tests: VOC2007 (trainval, test) and VOC2012 (trainval), every XML field."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+           "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def _xml(folder: str, image_id: str, w: int, h: int, objects: list[tuple[str, tuple[int, int, int, int], int]]) -> str:
+    objs = "".join(
+        f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1), difficult in objects)
+    return (f"<annotation><folder>{folder}</folder><filename>{image_id}.jpg</filename>"
+            f"<source><database>synthetic</database></source>"
+            f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size><segmented>0</segmented>"
+            f"{objs}</annotation>")
+
+
+def write_voc(root: Path, n_trainval07: int = 4, n_test07: int = 4, n_trainval12: int = 2, size: int = 64,
+              seed: int = 0) -> Path:
+    """Write the tree under `root` (root/VOC2007, root/VOC2012); every class appears in the 2007 test split."""
+    rng = random.Random(seed)
+    splits = {("VOC2007", "trainval"): n_trainval07, ("VOC2007", "test"): n_test07,
+              ("VOC2012", "trainval"): n_trainval12}
+    counter = 0
+    for (folder, split), n in splits.items():
+        base = root / folder
+        for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        ids = []
+        for i in range(n):
+            counter += 1
+            image_id = f"{2007 if folder == 'VOC2007' else 2012}_{counter:06d}"
+            img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            objects = []
+            per_image = 5 if split == "test" else 3
+            for j in range(per_image):
+                cls = CLASSES[(i * per_image + j) % len(CLASSES)]
+                x0, y0 = rng.randrange(1, size // 2), rng.randrange(1, size // 2)
+                x1, y1 = min(size, x0 + rng.randrange(12, size // 2)), min(size, y0 + rng.randrange(12, size // 2))
+                draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+                objects.append((cls, (x0, y0, x1, y1), int(j == per_image - 1 and split == "trainval")))
+            img.save(base / "JPEGImages" / f"{image_id}.jpg", quality=90)
+            (base / "Annotations" / f"{image_id}.xml").write_text(_xml(folder, image_id, size, size, objects))
+            ids.append(image_id)
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
