@@ -28,7 +28,107 @@ def eval_group() -> None:
 # --- eval linear ----------------------------------------------------------------------------------------
 
 
+@eval_group.command("linear")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="MoCo checkpoint (this project's or an official one).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Folder with train/ and val/ class folders; default: the embedded digits set.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="linear_eval", show_default=True,
+              help="Where linear.json, linear_curve.png and the per-epoch state go.")
+@click.option("--cached", is_flag=True, help="Fast path: train the fc on cached center-crop features.")
+@click.option("--solver", type=click.Choice(["sgd", "lbfgs"]), default="sgd", show_default=True,
+              help="lbfgs: scikit-learn logistic regression on cached features, C chosen on held-out train.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Global batch (split across torchrun processes).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Base lr; default 30 x batch / 256.")
+@click.option("--milestones", type=str, default=None,
+              help="Epochs where lr drops x0.1, e.g. 60,80; default 60% and 80% of --epochs.")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/linear_checkpoint.pth.tar.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
+@click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")
+@click.option("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: GPU when present).")
+def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, solver: str, epochs: int,
+                batch_size: int, lr: float | None, milestones: str | None, workers: int, seed: int, resume: bool,
+                cache_dir: str | None, no_cache: bool, device: str | None) -> None:
+    """Linear classification on the frozen backbone (MoCo protocol; --cached or --solver lbfgs for speed)."""
+    from moco_transfer.eval.linear import LinearConfig, run_linear
+
+    from moco_transfer.checkpoint import CheckpointError
+    from moco_transfer.data import DataError
+
+    try:
+        steps = tuple(int(m) for m in milestones.split(",")) if milestones else None
+    except ValueError:
+        raise click.UsageError(f"--milestones {milestones!r}: expected comma-separated epochs, e.g. 60,80") from None
+    mode = "lbfgs" if solver == "lbfgs" else ("cached" if cached else "faithful")
+    cfg = LinearConfig(mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, milestones=steps, workers=workers,
+                       seed=seed)
+    try:
+        report = run_linear(checkpoint, output, data, cfg, cache_dir, not no_cache, resume, device)
+    except (CheckpointError, DataError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    best = report["best"]
+    click.echo(f"linear ({mode}) {report['arch']}: final top-1 {report['final']['top1']:.2f} "
+               f"top-5 {report['final']['top5']:.2f}; best top-1 {best['top1']:.2f}; "
+               f"results in {output}/linear.json")
+
+
 # --- eval knn -------------------------------------------------------------------------------------------
+
+
+@eval_group.command("knn")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="MoCo checkpoint (this project's or an official one).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Folder with train/ (gallery) and val/ (queries) class folders; default: embedded digits.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="knn_eval", show_default=True,
+              help="Where knn.json and knn_gallery.png go.")
+@click.option("--k", "ks", type=str, default="10,20,100,200", show_default=True,
+              help="Neighbour counts voted at once (comma-separated).")
+@click.option("--temperature", "-t", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)
+@click.option("--map-depth", type=click.IntRange(min=1), default=None,
+              help="Truncate the mAP ranking to this many items (default: the whole gallery).")
+@click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
+@click.option("--query-batch", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Queries per search call (bounds memory).")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per feature-extraction batch.")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
+@click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")
+@click.option("--device", type=str, default=None, help="cpu, cuda, ... (default: GPU when present).")
+def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperature: float, map_depth: int | None,
+             backend: str, query_batch: int, batch_size: int, workers: int, cache_dir: str | None, no_cache: bool,
+             device: str | None) -> None:
+    """Weighted kNN top-1/top-5 and retrieval recall@1/5/10 + mAP with FAISS, plus a neighbour gallery."""
+    from moco_transfer.eval.knn import KnnConfig, parse_ks, run_knn
+
+    from moco_transfer.checkpoint import CheckpointError
+    from moco_transfer.data import DataError
+
+    try:
+        k_values = parse_ks(ks)
+    except ValueError:
+        raise click.UsageError(f"--k {ks!r}: expected comma-separated positive integers, e.g. 10,20,100,200") from None
+    cfg = KnnConfig(ks=k_values, temperature=temperature, map_depth=map_depth, backend=backend,
+                    query_batch=query_batch, batch_size=batch_size, workers=workers)
+    try:
+        report = run_knn(checkpoint, output, data, cfg, cache_dir, not no_cache, device)
+    except (CheckpointError, DataError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    for k, acc in report["knn"].items():
+        click.echo(f"kNN k={k:>4} T={temperature}: top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f}")
+    click.echo("retrieval: " + "  ".join(f"{name} {value:.2f}" for name, value in report["retrieval"].items()
+                                          if name != "queries_scored"))
+    click.echo(f"results in {output}/knn.json, gallery {report['gallery']}")
 
 
 # --- eval voc -------------------------------------------------------------------------------------------

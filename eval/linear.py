@@ -1,0 +1,358 @@
+"""Linear classification on a frozen MoCo backbone: the official protocol, a cached fast path, and L-BFGS.
+
+faithful: frozen backbone kept in eval mode, fresh fc ~ N(0, 0.01) with bias 0, SGD momentum 0.9, wd 0,
+lr 30 per 256 images, lr x0.1 at 60% and 80% of the epochs (60 and 80 of 100), RandomResizedCrop + flip for
+training, resize/center-crop for validation, a check that no backbone tensor changed.
+cached: the same optimiser and schedule on features of the center crops, extracted once and cached.
+lbfgs: scikit-learn's L2-regularised logistic regression, C chosen on a held-out part of train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from moco_transfer import distributed as du
+from moco_transfer.augment import eval_transform, linear_train_transform
+from moco_transfer.checkpoint import CheckpointError, atomic_save
+from moco_transfer.data import collate_with_skips
+from moco_transfer.feature_cache import FeatureCache
+from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
+
+from .common import backbone_features, make_datasets
+from .report import save_curve
+
+MODES = ("faithful", "cached", "lbfgs")
+BASE_LR = 30.0
+STATE_NAME = "linear_checkpoint.pth.tar"
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LinearConfig:
+    """Hyperparameters; `lr=None` means 30 x batch / 256, `milestones=None` means 60% and 80% of epochs."""
+
+    mode: str = "faithful"
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] | None = None
+    workers: int = 2
+    seed: int = 0
+    lbfgs_holdout: float = 0.2
+    lbfgs_grid: tuple[float, ...] = field(default_factory=lambda: tuple(float(c) for c in np.logspace(-4, 4, 9)))
+    lbfgs_max_iter: int = 1000
+
+
+def base_lr(batch_size: int, lr: float | None = None) -> float:
+    """The protocol's lr 30 for batch 256, scaled linearly with the (global) batch unless given."""
+    return float(lr) if lr is not None else BASE_LR * batch_size / 256
+
+
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """60 and 80 at 100 epochs; the same fractions of shorter or longer runs."""
+    return tuple(sorted({max(1, round(epochs * f)) for f in (0.6, 0.8)}))
+
+
+def lr_at_epoch(base: float, epoch: int, milestones: Iterable[int]) -> float:
+    """Step schedule of the official script: x0.1 for every milestone reached (epochs counted from 0)."""
+    return base * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def fresh_fc(in_features: int, num_classes: int) -> nn.Linear:
+    """The protocol's classifier: weights N(0, 0.01), bias 0."""
+    fc = nn.Linear(in_features, num_classes)
+    nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """The official sanity check, extended to BN buffers: a frozen backbone must be bit-identical."""
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, reference[k].to(v.device))]
+    if changed:
+        raise RuntimeError(f"backbone changed during linear training ({len(changed)} tensors, e.g. {changed[:5]}): "
+                           "the backbone must stay frozen and in eval mode")
+
+
+def count_topk(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(fc: nn.Module, batches: Batches, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 percent over all ranks' shards of the validation set."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for feats, labels in batches:
+        labels = labels.to(device)
+        c1, c5 = count_topk(fc(feats.to(device)), labels)
+        counts += torch.tensor([c1, c5, labels.numel()], dtype=torch.float64, device=device)
+    if du.is_distributed():
+        torch.distributed.all_reduce(counts)
+    total = max(counts[2].item(), 1.0)
+    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
+
+
+class FeatureSource:
+    """Where the fc's inputs come from: a frozen backbone on images, or cached feature tensors."""
+
+    num_train: int
+
+    def train_batches(self, epoch: int) -> Batches:
+        raise NotImplementedError
+
+    def val_batches(self) -> Batches:
+        raise NotImplementedError
+
+
+class BackboneSource(FeatureSource):
+    """Images through the frozen backbone (eval mode, no grad); training shards via DistributedSampler."""
+
+    def __init__(self, backbone: nn.Module, train_set: Any, val_set: Any, batch_size: int, workers: int,
+                 device: torch.device, seed: int) -> None:
+        self.backbone, self.device = backbone, device
+        world, rank = du.world_size(), du.rank()
+        per_rank = max(1, batch_size // world)
+        self.sampler = (torch.utils.data.distributed.DistributedSampler(train_set, world, rank, True, seed)
+                        if world > 1 else None)
+        gen = torch.Generator().manual_seed(seed)
+        pin = device.type == "cuda"
+        self.train_loader = torch.utils.data.DataLoader(
+            train_set, batch_size=per_rank, shuffle=self.sampler is None, sampler=self.sampler, generator=gen,
+            num_workers=workers, pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0)
+        shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world))) if world > 1 else val_set
+        self.val_loader = torch.utils.data.DataLoader(
+            shard, batch_size=per_rank, shuffle=False, num_workers=workers, pin_memory=pin,
+            collate_fn=collate_with_skips)
+        self.num_train = len(train_set)
+        self.bad_paths: list[str] = []
+
+    def _features(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.backbone.eval()
+        for images, labels, bad in loader:
+            self.bad_paths.extend(bad)
+            with torch.no_grad():
+                feats = self.backbone(images.to(self.device, non_blocking=True))
+            yield feats, labels
+
+    def train_batches(self, epoch: int) -> Batches:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return self._features(self.train_loader)
+
+    def val_batches(self) -> Batches:
+        return self._features(self.val_loader)
+
+    def __len__(self) -> int:
+        return len(self.train_loader)
+
+
+class TensorSource(FeatureSource):
+    """Cached features, reshuffled each epoch into mini-batches (batch_size <= 0: one full batch)."""
+
+    def __init__(self, train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
+                 batch_size: int, seed: int) -> None:
+        world, rank = du.world_size(), du.rank()
+        self.train_f, self.train_l = train_f, train_l
+        self.val_f, self.val_l = val_f[rank::world], val_l[rank::world]
+        self.batch = batch_size if batch_size > 0 else len(train_f)
+        self.per_rank = max(1, self.batch // world)
+        self.seed, self.num_train = seed, len(train_f)
+
+    def train_batches(self, epoch: int) -> Batches:
+        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = order[du.rank()::du.world_size()]
+        for start in range(0, len(order), self.per_rank):
+            idx = order[start:start + self.per_rank]
+            yield self.train_f[idx], self.train_l[idx]
+
+    def val_batches(self) -> Batches:
+        for start in range(0, len(self.val_f), 4096):
+            yield self.val_f[start:start + 4096], self.val_l[start:start + 4096]
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.num_train / du.world_size()) / self.per_rank)
+
+
+def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: LinearConfig, device: torch.device,
+              state_path: Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
+              after_first_epoch: Callable[[], None] | None = None, show_batches: bool = True) -> dict[str, Any]:
+    """The SGD protocol on whatever `source` yields; per-epoch top-1/top-5, resumable from `state_path`."""
+    torch.manual_seed(cfg.seed)
+    fc = fresh_fc(in_features, num_classes).to(device)
+    model: nn.Module = fc
+    if du.is_distributed():
+        model = nn.parallel.DistributedDataParallel(fc, device_ids=[device.index] if device.type == "cuda" else None)
+    lr0 = base_lr(cfg.batch_size, cfg.lr)
+    milestones = cfg.milestones if cfg.milestones is not None else default_milestones(cfg.epochs)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=lr0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume and state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if meta and state.get("meta") != meta:
+            raise CheckpointError(f"--resume {state_path}: written for another run ({state.get('meta')}); "
+                                  f"this run is {meta}. Use another --output or drop --resume")
+        fc.load_state_dict(state["fc"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
+                      total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
+    for epoch in epochs_bar:
+        lr = lr_at_epoch(lr0, epoch, milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        fc.train()
+        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(source.train_batches(epoch), total=len(source), leave=False, dynamic_ncols=True,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (show_batches and du.is_main_process()))
+        for feats, labels in bar:
+            feats, labels = feats.to(device), labels.to(device)
+            loss = F.cross_entropy(model(feats), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * labels.numel()
+            seen += labels.numel()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}",
+                            img_s=f"{seen * du.world_size() / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        if epoch == start_epoch and after_first_epoch is not None:
+            after_first_epoch()
+        fc.eval()
+        acc = evaluate(fc, source.val_batches(), device)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": du.all_reduce_mean(loss_sum / max(seen, 1), device),
+               "top1": acc["top1"], "top5": acc["top5"], "train_seconds": train_time,
+               "images_per_s": seen * du.world_size() / max(train_time, 1e-9)}
+        history.append(row)
+        epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.3g}", top1=f"{acc['top1']:.2f}",
+                               best=f"{max(h['top1'] for h in history):.2f}")
+        if state_path is not None and du.is_main_process():
+            atomic_save({"epoch": epoch + 1, "fc": fc.state_dict(), "optimizer": optimizer.state_dict(),
+                         "history": history, "meta": meta or {}}, state_path)
+        du.barrier()
+    if not history:
+        raise ValueError(f"linear: no epochs to run (epochs={cfg.epochs}, resumed at {start_epoch})")
+    best = max(history, key=lambda h: h["top1"])
+    return {"lr": lr0, "milestones": list(milestones), "history": history,
+            "final": {"top1": history[-1]["top1"], "top5": history[-1]["top5"]},
+            "best": {"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"]},
+            "fc": fc}
+
+
+def train_lbfgs(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
+                num_classes: int, cfg: LinearConfig) -> dict[str, Any]:
+    """Standardised features, multinomial logistic regression; C picked on a stratified held-out train part."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = train_f.numpy().astype(np.float64), train_l.numpy()
+    xv, yv = val_f.numpy().astype(np.float64), val_l.numpy()
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    x_fit, x_hold, y_fit, y_hold = train_test_split(x, y, test_size=cfg.lbfgs_holdout, random_state=cfg.seed,
+                                                    stratify=stratify)
+    scaler = StandardScaler().fit(x_fit)
+    search = []
+    for c in tqdm(cfg.lbfgs_grid, desc="lbfgs: choosing C", dynamic_ncols=True):
+        clf = LogisticRegression(C=c, max_iter=cfg.lbfgs_max_iter).fit(scaler.transform(x_fit), y_fit)
+        search.append({"C": c, "holdout_top1": 100.0 * float((clf.predict(scaler.transform(x_hold)) == y_hold).mean())})
+    best_c = max(search, key=lambda s: (s["holdout_top1"], -s["C"]))["C"]
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=best_c, max_iter=cfg.lbfgs_max_iter).fit(scaler.transform(x), y)
+    proba = np.zeros((len(xv), num_classes))
+    proba[:, clf.classes_] = clf.predict_proba(scaler.transform(xv))
+    c1, c5 = count_topk(torch.from_numpy(proba), torch.from_numpy(yv))
+    acc = {"top1": 100.0 * c1 / len(yv), "top5": 100.0 * c5 / len(yv)}
+    return {"C": best_c, "search": search, "final": acc, "best": acc}
+
+
+def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike | None = None,
+               cfg: LinearConfig | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+               resume: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Evaluate `checkpoint` with `cfg.mode`; writes linear.json and linear_curve.png to `output`."""
+    cfg = cfg or LinearConfig()
+    if cfg.mode not in MODES:
+        raise ValueError(f"--solver/mode {cfg.mode!r}: expected one of {MODES}")
+    if cfg.epochs < 1 and cfg.mode != "lbfgs":
+        raise ValueError(f"--epochs {cfg.epochs}: expected at least 1")
+    dev = du.init_from_env()
+    if device is not None:
+        dev = torch.device(device)
+    out = Path(output)
+    pb: PretrainedBackbone = load_pretrained_backbone(checkpoint, dev)
+    faithful = cfg.mode == "faithful"
+    train_tf = linear_train_transform(pb.image_size) if faithful else eval_transform(pb.image_size)
+    pair = make_datasets(data, train_tf, eval_transform(pb.image_size), pb.image_size)
+    num_classes = len(pair.classes)
+    meta = {"checkpoint": pb.fingerprint, "data": pair.root, "mode": cfg.mode, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "lr": base_lr(cfg.batch_size, cfg.lr), "seed": cfg.seed}
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if faithful:
+        source = BackboneSource(pb.model, pair.train, pair.val, cfg.batch_size, cfg.workers, dev, cfg.seed)
+        reference = snapshot(pb.model)
+        result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
+                           after_first_epoch=lambda: assert_unchanged(pb.model, reference))
+        assert_unchanged(pb.model, reference)
+        extra["backbone_unchanged"] = True
+        extra["skipped_files"] = len(source.bad_paths)
+    else:
+        cache = FeatureCache(cache_dir) if use_cache and du.is_main_process() else None
+        feats = backbone_features(pb, pair, dev, batch_size=max(cfg.batch_size, 64), workers=cfg.workers, cache=cache)
+        extra["features_from_cache"] = feats.from_cache
+        extra["feature_seconds"] = time.perf_counter() - t0
+        if cfg.mode == "cached":
+            source = TensorSource(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
+                                  cfg.batch_size, cfg.seed)
+            result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
+                               show_batches=False)
+        else:
+            result = train_lbfgs(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
+                                 num_classes, cfg)
+    result.pop("fc", None)
+    report = {
+        "protocol": {"faithful": "MoCo linear classification (frozen backbone, SGD, step schedule, augmented)",
+                     "cached": "linear classifier on cached center-crop features (SGD, same schedule)",
+                     "lbfgs": "L2-regularised logistic regression (L-BFGS), C chosen on held-out train"}[cfg.mode],
+        "mode": cfg.mode, "checkpoint": str(pb.path), "checkpoint_sha256": pb.fingerprint, "arch": pb.arch,
+        "epoch": pb.epoch, "image_size": pb.image_size, "small_images": pb.small_images, "data": pair.root,
+        "num_classes": num_classes, "num_train": len(pair.train), "num_val": len(pair.val),
+        "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        **result, **extra, "seconds": time.perf_counter() - t0, "world_size": du.world_size(), "device": str(dev),
+    }
+    if du.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "linear.json").write_text(json.dumps(report, indent=2))
+        if cfg.mode == "lbfgs":
+            save_curve([s["C"] for s in result["search"]], {"held-out top-1": [s["holdout_top1"]
+                       for s in result["search"]]}, out / "linear_curve.png", "C (inverse L2 strength)",
+                       f"L-BFGS regularisation search ({pb.arch})", log_x=True)
+        else:
+            hist = result["history"]
+            save_curve([h["epoch"] for h in hist], {"val top-1": [h["top1"] for h in hist],
+                                                   "val top-5": [h["top5"] for h in hist]},
+                       out / "linear_curve.png", "epoch", f"linear probe, {cfg.mode} ({pb.arch})")
+    return report
