@@ -304,7 +304,8 @@ def preflight(options: VocOptions, echo: Callable[[str], None] = print) -> tuple
         raise VocSetupError(str(exc)) from exc
     register_voc(options.voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     counts = check_weights(cfg, weights_path, weights)
-    echo(f"weights {weights_path}: all {counts['backbone_tensors']} backbone/res5 tensors load into the model")
+    echo(f"weights {weights_path}: all {counts['backbone_tensors']} backbone/res5 tensors load into the model "
+         f"(roi_heads.res5.norm, the head's extra norm layer, starts from its default init)")
     cfg.MODEL.WEIGHTS = str(weights_path.resolve())
     return cfg, weights_path, fingerprint
 

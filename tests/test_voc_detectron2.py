@@ -1,6 +1,7 @@
 """End to end with a real detectron2: `moco eval voc` fine-tunes on a synthetic VOC tree for a few iterations.
 
-Tiny overrides keep it to CPU seconds: 64-pixel images, 16 sampled RoIs per image, 2 images per batch, 4 iterations.
+Tiny overrides keep it to CPU seconds: 64-pixel images, 16 sampled RoIs per image pooled to 8x8, 2 images per
+batch, 4 iterations.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ TINY = [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32",
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "TEST.DETECTIONS_PER_IMAGE", "20",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "16", "TEST.DETECTIONS_PER_IMAGE", "20",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)",
     "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
     "DATALOADER.NUM_WORKERS", "0",
