@@ -25,6 +25,26 @@ def eval_group() -> None:
 # --- convert --------------------------------------------------------------------------------------------
 
 
+@main.command("convert")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--to", "target", type=click.Choice(["detectron2", "torchvision"]), default="detectron2",
+              show_default=True, help="detectron2: .pkl of numpy arrays under detectron2 ResNet names; "
+                                      "torchvision: state_dict for torchvision.models.<arch>() (no fc).")
+@click.option("--arch", default=None, help="ResNet name when the checkpoint has no 'arch' entry (else inferred).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, force: bool) -> None:
+    """Convert a MoCo CHECKPOINT's query-encoder backbone to OUTPUT for detectron2 or torchvision."""
+    from moco_transfer.checkpoint import CheckpointError
+    from moco_transfer.convert import convert
+
+    try:
+        summary = convert(checkpoint, output, target=target, force=force, arch=arch)
+    except (CheckpointError, FileExistsError, IsADirectoryError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(summary.format())
+
+
 # --- eval linear ----------------------------------------------------------------------------------------
 
 
@@ -132,6 +152,55 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
 
 
 # --- eval voc -------------------------------------------------------------------------------------------
+
+
+@eval_group.command("voc", context_settings={"ignore_unknown_options": True})
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--voc-root", required=True, type=click.Path(path_type=str),
+              help="Folder holding VOC2007/ and VOC2012/ (the VOCdevkit folder).")
+@click.option("--output", "output", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Run folder (trials, summary); default runs/voc/<checkpoint name>.")
+@click.option("--trials", default=5, show_default=True, type=int, help="Independent fine-tuning runs (seeds differ).")
+@click.option("--gpus", default=None, type=int, help="GPUs per trial (0 = CPU); default: all visible, else CPU.")
+@click.option("--config", default="voc_R_50_C4_24k_moco.yaml", show_default=True,
+              help="A shipped config name (see docs/voc.md) or a path to a detectron2 YAML file.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Base seed; trial k uses seed+k.")
+@click.option("--scale-to-gpus", is_flag=True,
+              help="Apply the MoCo authors' rule for fewer than 8 GPUs (8 images, lr/2, 2x schedule) and print it.")
+@click.option("--max-ims-per-gpu", default=4, show_default=True, type=int,
+              help="With --scale-to-gpus: images per GPU that fit in memory; keeps 16 per batch when they fit.")
+@click.argument("opts", nargs=-1, type=click.UNPROCESSED, metavar="[--opts KEY VALUE ...]")
+def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gpus: int | None, config: str,
+             seed: int, scale_to_gpus: bool, max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
+    """Fine-tune CHECKPOINT (MoCo checkpoint or detectron2 .pkl) on VOC07+12, test on VOC07; N trials, summary.
+
+    Re-running the same command skips finished trials and resumes an interrupted one. Put detectron2 config
+    overrides last: --opts SOLVER.MAX_ITER 100 INPUT.MIN_SIZE_TEST 600.
+    """
+    from pathlib import Path
+
+    from moco_transfer.eval.voc import SETUP_ERRORS, VocOptions, run_voc
+
+    if opts and opts[0] != "--opts":
+        raise click.UsageError(f"unexpected arguments {' '.join(opts)}; detectron2 overrides go after --opts")
+    stray = [o for o in opts if o.startswith("--") and o != "--opts"]
+    if stray:
+        raise click.UsageError(f"no such option {stray[0]} (options go before --opts KEY VALUE ...)")
+    ckpt = Path(checkpoint)
+    options = VocOptions(
+        checkpoint=ckpt, voc_root=Path(voc_root),
+        output=Path(output) if output else Path("runs") / "voc" / ckpt.name.split(".")[0],
+        trials=trials, gpus=gpus, config=config,
+        opts=[o for o in opts if o != "--opts"], seed=seed, scale_to_gpus=scale_to_gpus,
+        max_ims_per_gpu=max_ims_per_gpu)
+    try:
+        summary = run_voc(options, echo=click.echo)
+    except SETUP_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    mean, std = summary["mean"], summary["std"]
+    click.echo(f"{summary['trials_finished']} trials: " + ", ".join(
+        f"{k} {mean[k]:.2f}" + (f" +- {std[k]:.2f}" if std[k] is not None else "")
+        for k in ("AP", "AP50", "AP75") if mean[k] is not None))
 
 
 if __name__ == "__main__":
