@@ -89,7 +89,12 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
     sims, idx, backend = search_neighbours(train_f, val_f, k_max, cfg.backend, cfg.query_batch)
     t_search = time.perf_counter() - t1
     neighbour_labels = train_l[idx]
-    classification = knn_classification(sims, neighbour_labels, val_l, len(pair.classes), cfg.ks, cfg.temperature)
+    warnings = [f"k={k} exceeds the {len(train_l)} gallery images: every gallery image votes"
+                for k in cfg.ks if k > len(train_l)]
+    effective = {k: min(k, idx.shape[1]) for k in cfg.ks}
+    voted = knn_classification(sims, neighbour_labels, val_l, len(pair.classes), tuple(sorted(set(effective.values()))),
+                               cfg.temperature)
+    classification = {k: voted[effective[k]] for k in cfg.ks}
     recall = recall_at_k(neighbour_labels, val_l, cfg.recall_ks)
     mean_ap, scored = mean_average_precision(train_f, train_l, val_f, val_l, depth=cfg.map_depth)
     out = Path(output)
@@ -109,7 +114,7 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
                       "queries_scored": scored},
         "features_from_cache": feats.from_cache, "skipped_files": len(feats.bad_paths),
         "seconds": {"features": t_feat, "search": t_search, "total": time.perf_counter() - t0},
-        "gallery": str(gallery) if gallery else None, "device": str(dev),
+        "gallery": str(gallery) if gallery else None, "device": str(dev), "warnings": warnings,
     }
     (out / "knn.json").write_text(json.dumps(report, indent=2))
     return report
