@@ -316,9 +316,9 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 
 def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Pre-flight, then every unfinished trial in order; the summary is rewritten after each one."""
+    cfg, weights_path, _ = preflight(options, echo)  # first: it reports a missing detectron2 with instructions
     from detectron2.engine import launch
 
-    cfg, weights_path, _ = preflight(options, echo)
     info = {"checkpoint": str(options.checkpoint), "weights": str(weights_path), "config": str(options.config),
             "opts": list(options.opts)}
     summary = summarize(options.output, options.trials, info)

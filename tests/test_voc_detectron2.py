@@ -14,7 +14,11 @@ from functools import partial
 import pytest
 import torch
 from click.testing import CliRunner
-from voc_synthetic import write_voc
+
+try:  # tests/ is a package in this repo; also works when it is not
+    from .voc_synthetic import write_voc
+except ImportError:
+    from voc_synthetic import write_voc
 
 pytest.importorskip("detectron2", reason="detectron2 not installed (no wheel for this Python; build it from "
                                          "source as docs/voc.md says)")

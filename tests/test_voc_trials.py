@@ -19,7 +19,11 @@ from moco_transfer.eval.voc_trials import (
     trial_state,
     write_metrics,
 )
-from voc_synthetic import write_voc
+
+try:  # tests/ is a package in this repo; also works when it is not
+    from .voc_synthetic import write_voc
+except ImportError:
+    from voc_synthetic import write_voc
 
 
 def test_trial_states_follow_files(tmp_path):
@@ -109,3 +113,22 @@ def test_scale_rule_for_fewer_gpus():
     assert {c.key: c.new for c in scale_to_gpus(**base, num_gpus=0)}["SOLVER.MAX_ITER"] == 48000  # CPU = 1 device
     assert scale_to_gpus(**base, num_gpus=2, max_ims_per_gpu=8) == []  # big-memory GPUs keep 16
     assert str(scale_to_gpus(**base, num_gpus=1)[1]) == "SOLVER.BASE_LR: 0.02 -> 0.01"
+
+
+def test_missing_detectron2_is_a_clear_error_before_anything(monkeypatch, tmp_path):
+    """Where detectron2 cannot be imported, `moco eval voc` says how to install it and touches nothing."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from moco_transfer.cli import main
+
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # makes the import fail exactly as when it is absent
+    ckpt = tmp_path / "c.pth.tar"
+    ckpt.write_bytes(b"")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["eval", "voc", str(ckpt), "--voc-root", str(tmp_path), "--output", str(out),
+                                    "--gpus", "0"])
+    assert res.exit_code == 1
+    assert "detectron2 is not installed" in res.output and "pip install --no-build-isolation" in res.output
+    assert not out.exists()
