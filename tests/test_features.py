@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_helpers import make_checkpoint, make_image_folder
 from moco_transfer.eval.common import backbone_features, make_datasets
 
 from moco_transfer.augment import eval_transform
@@ -19,6 +18,11 @@ from moco_transfer.data import DataError, ImageFolderDataset
 from moco_transfer.feature_cache import FeatureCache, cache_key, samples_signature
 from moco_transfer.features import extract_features, feature_loader
 from moco_transfer.pretrained import load_pretrained_backbone
+
+try:  # tests/ is a package in this repository; run as loose files otherwise
+    from .eval_helpers import make_checkpoint, make_image_folder
+except ImportError:
+    from eval_helpers import make_checkpoint, make_image_folder
 
 
 @pytest.fixture(scope="module")

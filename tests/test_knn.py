@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from eval_helpers import make_checkpoint, make_image_folder
 
 from moco_transfer.cli import main
 from moco_transfer.faiss_index import FaissGallery
@@ -25,6 +24,11 @@ from moco_transfer.knn import (
     torch_search,
     weighted_knn_predict,
 )
+
+try:  # tests/ is a package in this repository; run as loose files otherwise
+    from .eval_helpers import make_checkpoint, make_image_folder
+except ImportError:
+    from eval_helpers import make_checkpoint, make_image_folder
 
 
 def test_weighted_vote_hand_computed() -> None:
