@@ -151,16 +151,18 @@ def register_voc(voc_root: str | os.PathLike, names: Sequence[str]) -> list[str]
 # --- weights ------------------------------------------------------------------------------------------------
 
 
-def prepare_weights(checkpoint: Path, out_dir: Path, echo: Callable[[str], None] = print) -> tuple[Path, dict]:
+def prepare_weights(checkpoint: Path, out_dir: Path, reuse: bool = False,
+                    echo: Callable[[str], None] = print) -> tuple[Path, dict]:
     """A detectron2 .pkl for the run: the checkpoint itself if it is one, else its conversion in `out_dir`.
 
     A `.pkl` passed by the user is read as detectron2 weights (numpy-only unpickler); anything else is read as a
-    MoCo checkpoint with weights_only=True and converted once (re-runs reuse the converted file).
+    MoCo checkpoint with weights_only=True and converted. `reuse` (the folder's run.json matched this checkpoint)
+    keeps an earlier conversion.
     """
     if checkpoint.suffix == ".pkl":
         return checkpoint, read_detectron2_weights(checkpoint)["model"]
     target = out_dir / CONVERTED_NAME
-    if not target.is_file():
+    if not (reuse and target.is_file()):
         summary = convert(checkpoint, target, target="detectron2", force=True)
         echo(summary.format())
     return target, read_detectron2_weights(target)["model"]
@@ -297,15 +299,16 @@ def preflight(options: VocOptions, echo: Callable[[str], None] = print) -> tuple
         raise VocSetupError(f"checkpoint {options.checkpoint}: file not found")
     options.output.mkdir(parents=True, exist_ok=True)
     fingerprint = {"checkpoint_sha256": sha256_file(options.checkpoint), "config_sha256": _fingerprint_config(cfg)}
-    check_run(options.output, fingerprint)
+    known = check_run(options.output, fingerprint, record=False)
     try:
-        weights_path, weights = prepare_weights(options.checkpoint, options.output, echo)
+        weights_path, weights = prepare_weights(options.checkpoint, options.output, reuse=known, echo=echo)
     except CheckpointError as exc:
         raise VocSetupError(str(exc)) from exc
     register_voc(options.voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     counts = check_weights(cfg, weights_path, weights)
     echo(f"weights {weights_path}: all {counts['backbone_tensors']} backbone/res5 tensors load into the model "
          f"(roi_heads.res5.norm, the head's extra norm layer, starts from its default init)")
+    check_run(options.output, fingerprint)  # recorded only once everything above passed
     cfg.MODEL.WEIGHTS = str(weights_path.resolve())
     return cfg, weights_path, fingerprint
 

@@ -149,11 +149,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_run(out_dir: str | os.PathLike, fingerprint: dict[str, str]) -> None:
-    """Record `fingerprint` in run.json, or verify it matches what the folder's trials were run with.
+def check_run(out_dir: str | os.PathLike, fingerprint: dict[str, str], record: bool = True) -> bool:
+    """Verify `fingerprint` matches what the folder's trials were run with; True if the folder had one.
 
-    Re-running with more trials is fine; a different checkpoint or configuration would mix incomparable trials
-    in one summary, so it is an error naming what differs.
+    With `record`, a folder without run.json gets one. Re-running with more trials is fine; a different
+    checkpoint or configuration would mix incomparable trials in one summary, so it is an error naming what
+    differs.
     """
     path = Path(out_dir) / RUN_FILE
     if path.is_file():
@@ -162,5 +163,7 @@ def check_run(out_dir: str | os.PathLike, fingerprint: dict[str, str]) -> None:
         if differ:
             raise RunMismatch(f"output folder {out_dir} holds trials run with a different {', '.join(differ)} "
                               f"(see {path}); choose another output folder or remove it")
-        return
-    write_json_atomic(fingerprint, path)
+        return True
+    if record:
+        write_json_atomic(fingerprint, path)
+    return False

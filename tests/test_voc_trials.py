@@ -73,8 +73,9 @@ def test_metrics_must_hold_all_keys(tmp_path):
 
 def test_run_fingerprint_guards_the_folder(tmp_path):
     fp = {"checkpoint_sha256": "aa", "config_sha256": "bb"}
-    check_run(tmp_path, fp)
-    check_run(tmp_path, dict(fp))  # same run: fine
+    assert check_run(tmp_path, fp, record=False) is False and not (tmp_path / "run.json").exists()
+    assert check_run(tmp_path, fp) is False and (tmp_path / "run.json").is_file()
+    assert check_run(tmp_path, dict(fp)) is True  # same run: fine
     with pytest.raises(RunMismatch, match="config_sha256"):
         check_run(tmp_path, {"checkpoint_sha256": "aa", "config_sha256": "cc"})
 
