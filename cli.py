@@ -22,6 +22,75 @@ def eval_group() -> None:
 # --- pretrain -------------------------------------------------------------------------------------------
 
 
+def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
+    """Every option defaults to None so only what the user typed overrides the preset and --config."""
+    opts = [
+        click.option("--preset", type=click.Choice(["mocov1", "mocov2", "mocov2-800ep", "digits"]),
+                     help="Recipe; default: digits without --data, mocov2 with it."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML or JSON file of options (names as below, dashes or underscores)."),
+        click.option("--data", type=click.Path(file_okay=False),
+                     help="Class-folder root (train/ used when present). Default: embedded digits."),
+        click.option("--output", "-o", type=click.Path(file_okay=False), help="Checkpoint and log folder."),
+        click.option("--resume", help="Checkpoint to continue from, or 'auto' for the newest in --output."),
+        click.option("--arch", help="torchvision ResNet (resnet18 ... resnet152, resnext, wide_resnet)."),
+        click.option("--small-images/--imagenet-stem", "small_images", default=None,
+                     help="3x3 stride-1 stem without maxpool, for 32-64 px images."),
+        click.option("--image-size", type=int, help="Crop size of the augmented views."),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int, help="Global batch size over all processes."),
+        click.option("--base-lr", type=float, help="lr per 256 images (scaled linearly with --batch-size)."),
+        click.option("--lr", type=float, help="Absolute lr; overrides --base-lr scaling."),
+        click.option("--momentum", type=float),
+        click.option("--weight-decay", "--wd", "weight_decay", type=float),
+        click.option("--cos/--no-cos", default=None, help="Cosine lr (v2) or x0.1 steps at --schedule (v1)."),
+        click.option("--schedule", type=int, multiple=True, help="Step-schedule epochs (repeat the option)."),
+        click.option("--moco-dim", type=int, help="Feature dimension (128)."),
+        click.option("--moco-k", type=int, help="Queue size (65536); a multiple of --batch-size."),
+        click.option("--moco-m", type=float, help="Key-encoder momentum (0.999)."),
+        click.option("--moco-t", type=float, help="Softmax temperature (v1 0.07, v2 0.2)."),
+        click.option("--mlp/--no-mlp", default=None, help="2-layer MLP projection head (v2) or fc (v1)."),
+        click.option("--aug-plus/--no-aug-plus", default=None, help="v2 augmentation with blur, or v1's."),
+        click.option("--bn-splits", type=int, help="Single process: BN sub-batches imitating per-GPU BN."),
+        click.option("--workers", "-j", type=int, help="Data-loading processes."),
+        click.option("--seed", type=int),
+        click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast precision."),
+        click.option("--channels-last/--no-channels-last", default=None),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--knn-every", type=int, help="Run the kNN monitor every N epochs (0: off)."),
+        click.option("--knn-data", type=click.Path(file_okay=False),
+                     help="Labelled folder with train/ and val/ for the kNN monitor (default: --data)."),
+        click.option("--knn-k", type=int),
+        click.option("--knn-t", type=float),
+        click.option("--keep-every", type=int, help="Also keep every N-th epoch's checkpoint."),
+        click.option("--print-baseline/--no-print-baseline", default=None,
+                     help="At the end, kNN accuracy of the same architecture with random weights."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_pretrain_options
+def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, ...], **options: object) -> None:
+    """MoCo v2 pretraining (v1 and every ablation row by switches). Runs under torchrun for several processes."""
+    from moco_transfer.checkpoint import CheckpointError
+    from moco_transfer.data import DataError
+    from moco_transfer.pretrain.config import ConfigError, resolve_config
+    from moco_transfer.pretrain.engine import TrainingDiverged, run_pretraining
+
+    if schedule:
+        options["schedule"] = list(schedule)
+    try:
+        cfg = resolve_config(options.pop("preset"), config_file, options)
+        run_pretraining(cfg, resume=resume)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except TrainingDiverged as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 # --- convert --------------------------------------------------------------------------------------------
 
 
@@ -76,10 +145,9 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
                 batch_size: int, lr: float | None, milestones: str | None, workers: int, seed: int, resume: bool,
                 cache_dir: str | None, no_cache: bool, device: str | None) -> None:
     """Linear classification on the frozen backbone (MoCo protocol; --cached or --solver lbfgs for speed)."""
-    from moco_transfer.eval.linear import LinearConfig, run_linear
-
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
+    from moco_transfer.eval.linear import LinearConfig, run_linear
 
     try:
         steps = tuple(int(m) for m in milestones.split(",")) if milestones else None
@@ -129,10 +197,9 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
              backend: str, query_batch: int, batch_size: int, workers: int, cache_dir: str | None, no_cache: bool,
              device: str | None) -> None:
     """Weighted kNN top-1/top-5 and retrieval recall@1/5/10 + mAP with FAISS, plus a neighbour gallery."""
-    from moco_transfer.eval.knn import KnnConfig, parse_ks, run_knn
-
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
+    from moco_transfer.eval.knn import KnnConfig, parse_ks, run_knn
 
     try:
         k_values = parse_ks(ks)

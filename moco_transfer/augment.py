@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import torch
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _blur_kernel(image_size: int) -> int:
-    """Odd kernel about 10% of the crop, as SimCLR's blur (23 px at 224)."""
-    k = max(3, int(0.1 * image_size))
-    return k if k % 2 else k + 1
+class GaussianBlur:
+    """PIL Gaussian blur (radius = sigma) with sigma ~ U[0.1, 2.0], as in the MoCo v2 recipe.
+
+    PIL's filter costs a fraction of a tensor convolution on a CPU; sigma comes from torch's generator so a
+    seeded epoch draws the same blur again on resume.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
 
 
 def moco_v2_augmentation(image_size: int = 224) -> T.Compose:
@@ -20,7 +34,7 @@ def moco_v2_augmentation(image_size: int = 224) -> T.Compose:
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=0.5),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -19,7 +19,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     On one device this imitates per-GPU BN of a multi-GPU run, which together with the key shuffle keeps
     the key encoder from cheating through batch statistics. Keys are those of nn.BatchNorm2d, so
-    checkpoints stay interchangeable with plain BN.
+    checkpoints stay interchangeable with plain BN. Sub-batch j holds samples j, j + s, j + 2s, ...
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
@@ -85,3 +85,17 @@ def strip_head(encoder: nn.Module) -> nn.Module:
     """The backbone alone: avgpool features out of `fc`."""
     encoder.fc = nn.Identity()
     return encoder
+
+
+class ResNetTrunk(nn.Module):
+    """A view of a ResNet up to global average pooling: the features evaluators use, sharing weights."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return torch.flatten(r.avgpool(x), 1)

@@ -1,0 +1,170 @@
+"""Pretraining configuration: defaults, presets for every row of the MoCo v2 ablation, file loading.
+
+Precedence: dataclass defaults < preset < config file (YAML or JSON) < command-line options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "mocov2"
+    data: str | None = None            # class-folder root (train/ used when present); None: embedded digits
+    output: str = "runs/pretrain"
+    arch: str = "resnet50"
+    small_images: bool = False         # 3x3 stride-1 stem without maxpool, for 32-64 px images
+    image_size: int = 224
+    epochs: int = 200
+    batch_size: int = 256              # global, over all processes
+    base_lr: float = 0.03              # per 256 images; the lr used is base_lr * batch_size / 256
+    lr: float | None = None            # absolute lr; overrides base_lr scaling
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    cos: bool = True                   # cosine schedule (v2); otherwise x0.1 at `schedule` epochs (v1)
+    schedule: list[int] = field(default_factory=lambda: [120, 160])
+    moco_dim: int = 128
+    moco_k: int = 65536
+    moco_m: float = 0.999
+    moco_t: float = 0.2
+    mlp: bool = True
+    aug_plus: bool = True
+    bn_splits: int = 8                 # single process: split BN over sub-batches of the shuffled keys
+    workers: int = 8
+    seed: int = 0
+    amp: str = "none"                  # none | bf16 | fp16 (CUDA autocast)
+    channels_last: bool = False
+    device: str = "auto"               # auto | cpu | cuda
+    knn_every: int = 0                 # epochs between kNN monitor runs (0: off)
+    knn_data: str | None = None        # folder with train/ and val/ class folders; None: the pretraining data
+    knn_k: int = 200
+    knn_t: float = 0.07
+    keep_every: int = 0                # also keep every N-th epoch's checkpoint (0: only the newest)
+    print_baseline: bool = False       # compare with a random-weights encoder at the end (kNN)
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_V2 = dict(mlp=True, aug_plus=True, cos=True, moco_t=0.2)
+PRESETS: dict[str, dict[str, Any]] = {
+    "mocov1": dict(mlp=False, aug_plus=False, cos=False, moco_t=0.07, epochs=200),
+    "mocov2": dict(_V2, epochs=200),
+    "mocov2-800ep": dict(_V2, epochs=800),
+    # The embedded default: scikit-learn digits, ~5 minutes on 2 CPU cores.
+    "digits": dict(_V2, data=None, arch="resnet18", small_images=True, image_size=16, epochs=12,
+                   batch_size=128, base_lr=0.12, moco_k=1024, moco_m=0.99, bn_splits=4, workers=1,
+                   knn_every=4, knn_k=20, print_baseline=True, output="runs/digits"),
+}
+FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+class ConfigError(ValueError):
+    """A config file or option with an unknown key or a value of the wrong kind."""
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"--config {path}: not valid {kind}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a file value against the field's type (JSON/YAML give ints for floats and lists for tuples)."""
+    default = FIELDS[name].default
+    if value is None or name == "schedule":
+        if name == "schedule" and not (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+            raise ConfigError(f"{source}: 'schedule' must be a list of epochs, got {value!r}")
+        return value
+    if isinstance(default, bool) or name in ("mlp", "aug_plus", "cos"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name!r} must be true or false, got {value!r}")
+    elif isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name!r} must be an integer, got {value!r}")
+    elif isinstance(default, float) or name == "lr":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {name!r} must be a number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"{source}: {name!r} must be a string, got {value!r}")
+    return value
+
+
+def resolve_config(preset: str | None = None, config_file: str | os.PathLike | None = None,
+                   overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Merge preset, file and command-line values into one validated config."""
+    file_values = load_config_file(config_file) if config_file else {}
+    _check_keys(file_values, f"--config {config_file}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(overrides, "options")
+    data_given = overrides.get("data") or file_values.get("data")
+    name = overrides.get("preset") or preset or file_values.get("preset") or ("mocov2" if data_given else "digits")
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[name])
+    values.update({k: _coerce(k, v, f"--config {config_file}") for k, v in file_values.items()})
+    values.update(overrides)
+    values["preset"] = name
+    cfg = PretrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    def bad(option: str, expected: str) -> None:
+        raise ConfigError(f"--{option.replace('_', '-')} {getattr(cfg, option)!r}: expected {expected}")
+
+    for name in ("epochs", "batch_size", "moco_dim", "moco_k", "image_size", "bn_splits"):
+        if getattr(cfg, name) < 1:
+            bad(name, "a positive integer")
+    if cfg.workers < 0:
+        bad("workers", "0 or more")
+    if not 0.0 <= cfg.moco_m < 1.0:
+        bad("moco_m", "a momentum in [0, 1)")
+    if cfg.moco_t <= 0:
+        bad("moco_t", "a positive temperature")
+    if cfg.moco_k % cfg.batch_size:
+        raise ConfigError(f"--moco-k {cfg.moco_k} must be a multiple of --batch-size {cfg.batch_size} "
+                          "(the queue takes whole batches)")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        bad("amp", "none, bf16 or fp16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        bad("device", "auto, cpu or cuda")
+
+
+def save_resolved(cfg: PretrainConfig, folder: str | os.PathLike) -> Path:
+    """The config actually used, as YAML beside the checkpoints (loadable again with --config)."""
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

@@ -1,0 +1,284 @@
+"""The pretraining loop: model and optimizer set-up, one epoch of MoCo steps, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from moco_transfer import distributed as du
+from moco_transfer.backbone import build_resnet
+from moco_transfer.builder import MoCo
+from moco_transfer.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    checkpoint_name,
+    find_latest,
+    load_checkpoint,
+    with_module_prefix,
+    without_module_prefix,
+)
+
+from .config import ConfigError, PretrainConfig, save_resolved
+from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from .monitor import KnnMonitor
+from .schedule import lr_at_epoch
+
+# Fields that must agree between a checkpoint and the run resuming it.
+RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "batch_size")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def log(message: str) -> None:
+    if du.is_main_process():
+        tqdm.write(message)
+
+
+def select_device(cfg: PretrainConfig) -> torch.device:
+    device = du.init_from_env()
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "cuda" and device.type != "cuda":
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    return device
+
+
+def build_model(cfg: PretrainConfig) -> MoCo:
+    """Split BN only in a single process: with several processes the key shuffle crosses devices instead."""
+    bn_splits = 1 if du.is_distributed() else cfg.bn_splits
+    if bn_splits > 1 and (cfg.batch_size % bn_splits):
+        raise ConfigError(f"--bn-splits {bn_splits} must divide --batch-size {cfg.batch_size}")
+    encoder = partial(build_resnet, cfg.arch, small_images=cfg.small_images, bn_splits=bn_splits)
+    return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp)
+
+
+def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load a MoCo state dict (DDP `module.` prefix or not); fills what official release files leave out.
+
+    Returns notes about filled-in parts. Anything else missing or unexpected is an error.
+    """
+    sd = without_module_prefix(state_dict)
+    notes = []
+    if not any(k.startswith("encoder_q.") for k in sd):
+        raise CheckpointError(f"{source}: no 'module.encoder_q.*' keys; not a MoCo pretraining checkpoint")
+    if not any(k.startswith("encoder_k.") for k in sd):
+        sd.update({"encoder_k." + k[len("encoder_q."):]: v for k, v in sd.items() if k.startswith("encoder_q.")})
+        notes.append("no key encoder in the file: initialised from the query encoder")
+    for name in ("queue", "queue_ptr"):
+        if name not in sd:
+            sd[name] = getattr(model, name).detach().clone()
+            notes.append(f"no {name} in the file: a fresh one is used")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source}: does not fit the configured model (--arch/--mlp/--moco-dim/--moco-k): "
+            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}, wrong shape {wrong[:6]}")
+    model.load_state_dict(sd, strict=True)
+    return notes
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc1: float
+    images_per_s: float
+    skipped: list[str]
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "none":
+        return None
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device, epoch: int,
+                    lr: float) -> EpochStats:
+    model.train()
+    amp_dtype = autocast_dtype(cfg, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    loss_sum = acc_sum = 0.0
+    steps = 0
+    skipped: list[str] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not du.is_main_process(),
+               dynamic_ncols=True, leave=False, mininterval=1.0)
+    for views, _, bad in loader:
+        skipped.extend(bad)
+        im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
+        im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, labels = model(im_q, im_k)
+            loss = F.cross_entropy(logits, labels)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss became {loss_value} at epoch {epoch + 1}, step {steps + 1} (lr {lr:.4g}); the run stopped "
+                f"and the last good checkpoint in {cfg.output} is intact. Lower --lr or --base-lr"
+                f"{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        loss_sum += loss_value
+        acc_sum += (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
+        images_per_s = steps * cfg.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", refresh=False)
+        bar.update()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return EpochStats(
+        loss=du.all_reduce_mean(loss_sum / max(steps, 1), device),
+        acc1=du.all_reduce_mean(acc_sum / max(steps, 1), device),
+        images_per_s=steps * cfg.batch_size / elapsed,
+        skipped=skipped,
+    )
+
+
+def _check_resumable(cfg: PretrainConfig, saved: dict[str, Any], path: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
+             if k in saved and saved[k] != getattr(cfg, k)]
+    if diffs:
+        raise ConfigError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diffs)})")
+
+
+def resolve_resume(resume: str | None, output: str) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = find_latest(output)
+        if latest is None:
+            log(f"--resume auto: no checkpoint in {output}; starting from scratch")
+        return latest
+    return Path(resume)
+
+
+def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train MoCo as configured; returns a summary (last epoch's figures, kNN accuracies, checkpoint path)."""
+    device = select_device(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    dataset = build_pretrain_dataset(cfg)
+    loader = build_pretrain_loader(cfg, dataset, device)
+    model = build_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, foreach=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start_epoch, history = 0, []
+
+    resume_path = resolve_resume(resume, cfg.output)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        _check_resumable(cfg, ckpt.get("config", {}), resume_path)
+        for note in load_model_state(model, ckpt["state_dict"], str(resume_path)):
+            log(f"{resume_path}: {note}")
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and cfg.amp == "fp16":
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = int(ckpt.get("epoch", 0)), list(ckpt.get("history", []))
+        log(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    train_model: nn.Module = model
+    if du.is_distributed():
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    monitor = KnnMonitor(cfg, device) if (cfg.knn_every or cfg.print_baseline) and du.is_main_process() else None
+    if du.is_main_process():
+        save_resolved(cfg, out)
+        _write_log(out, history)
+        log(f"MoCo pretraining: {cfg.arch}, {len(dataset)} images, {len(loader)} steps/epoch, "
+            f"batch {cfg.batch_size} on {du.world_size()} process(es), lr {cfg.effective_lr:.4g}, "
+            f"K {cfg.moco_k}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head, "
+            f"{'aug+' if cfg.aug_plus else 'v1 aug'}, {'cosine' if cfg.cos else 'step'} lr, device {device}")
+
+    ckpt_path = find_latest(out) if start_epoch else None
+    epochs_bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
+                      disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0)
+    for epoch in epochs_bar:
+        lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed_epoch(loader, cfg.seed, epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr)
+        record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
+                  "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
+        if stats.skipped:
+            log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
+                + "; ".join(stats.skipped[:3]))
+        last = epoch + 1 == cfg.epochs
+        if monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or last):
+            record["knn_top1"] = round(monitor(model.encoder_q), 3)
+        epochs_bar.set_postfix(loss=f"{stats.loss:.4f}", acc1=f"{stats.acc1:.1f}", lr=f"{lr:.4g}",
+                               img_s=f"{stats.images_per_s:.1f}", refresh=False)
+        log(json.dumps(record))
+        history.append(record)
+        if du.is_main_process():
+            ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out)
+            _write_log(out, history)
+        du.barrier()
+    epochs_bar.close()
+
+    summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(ckpt_path) if ckpt_path else None,
+                               "last": history[-1] if history else None}
+    if monitor is not None and cfg.print_baseline:
+        summary["knn_top1"] = history[-1].get("knn_top1") if history else None
+        if summary["knn_top1"] is None:
+            summary["knn_top1"] = round(monitor(model.encoder_q), 3)
+        torch.manual_seed(cfg.seed)
+        random_encoder = build_resnet(cfg.arch, small_images=cfg.small_images).to(device)
+        summary["knn_top1_random_init"] = round(monitor(random_encoder), 3)
+        log(f"weighted kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on the held-out split: "
+            f"pretrained {summary['knn_top1']:.2f}%  vs  random weights {summary['knn_top1_random_init']:.2f}%")
+    return summary
+
+
+def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          epoch: int, history: list[dict[str, Any]], out: Path) -> Path:
+    """Write this epoch's checkpoint atomically, then drop the previous one unless it is to be kept."""
+    path = out / checkpoint_name(epoch)
+    previous = find_latest(out)
+    atomic_save({
+        "epoch": epoch + 1,
+        "arch": cfg.arch,
+        "state_dict": with_module_prefix(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "config": cfg.to_dict(),
+        "history": history,
+    }, path)
+    if previous is not None and previous != path:
+        prev_epoch = int(previous.name.split("_")[1].split(".")[0])
+        if not (cfg.keep_every and (prev_epoch + 1) % cfg.keep_every == 0):
+            previous.unlink(missing_ok=True)
+    return path
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    """The JSON-lines log is rewritten from the checkpoint's history, so a resumed run never repeats a line."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".log.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(out / "log.jsonl")

@@ -1,0 +1,34 @@
+"""Shared fixtures: small image folders written by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_class_folders(root: Path, classes: int = 2, per_class: int = 16, size: int = 24, seed: int = 0) -> Path:
+    """Images whose class is a colour-and-stripe pattern, so features can separate them."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), dtype=np.float32)
+            base[..., c % 3] = 200
+            base[:: 2 + c, :, :] = 40
+            noise = rng.normal(0, 25, size=(size, size, 3))
+            img = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and val/ with 2 classes: 16 + 8 images per class, 24 px."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_class_folders(root / "train", per_class=16, seed=0)
+    write_class_folders(root / "val", per_class=8, seed=1)
+    return root

@@ -1,0 +1,153 @@
+"""The MoCo module: queue arithmetic, momentum update, InfoNCE logits, shuffle, split BN."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_transfer.backbone import SplitBatchNorm, add_mlp_head, build_resnet
+from moco_transfer.builder import MoCo
+
+
+class LinearEncoder(nn.Module):
+    """A flat linear map with an `fc`, the smallest thing that behaves like a base encoder."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def tiny_moco(**kwargs) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(LinearEncoder, **{"dim": 4, "K": 8, "m": 0.9, "T": 0.5, **kwargs})
+
+
+def test_queue_is_normalised_and_wraps_around():
+    model = tiny_moco()
+    assert torch.allclose(model.queue.norm(dim=0), torch.ones(8))
+    keys = [F.normalize(torch.randn(4, 4), dim=1) for _ in range(3)]
+    model.dequeue_and_enqueue(keys[0])
+    assert int(model.queue_ptr) == 4
+    assert torch.equal(model.queue[:, :4], keys[0].T)
+    model.dequeue_and_enqueue(keys[1])
+    assert int(model.queue_ptr) == 0
+    model.dequeue_and_enqueue(keys[2])
+    assert int(model.queue_ptr) == 4
+    assert torch.equal(model.queue[:, :4], keys[2].T)
+    assert torch.equal(model.queue[:, 4:], keys[1].T)
+
+
+def test_queue_rejects_batch_that_does_not_divide_k():
+    model = tiny_moco()
+    with pytest.raises(ValueError, match="multiple of the global batch 3"):
+        model.dequeue_and_enqueue(torch.randn(3, 4))
+
+
+def test_momentum_update_matches_formula_and_key_encoder_has_no_grad():
+    model = tiny_moco(m=0.75)
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+    assert torch.equal(model.encoder_q.fc.weight, model.encoder_k.fc.weight)
+    with torch.no_grad():
+        model.encoder_q.fc.weight.add_(1.0)
+    before_k = model.encoder_k.fc.weight.clone()
+    q = model.encoder_q.fc.weight.clone()
+    model.momentum_update_key_encoder()
+    assert torch.allclose(model.encoder_k.fc.weight, 0.75 * before_k + 0.25 * q)
+
+
+def test_logits_and_loss_match_hand_computation():
+    model = tiny_moco(m=0.0, T=0.5)  # m=0: the key encoder becomes the query encoder before the key forward
+    model.eval()
+    x = torch.randn(4, 6)
+    queue = model.queue.clone()
+    logits, labels = model(x, x)
+    q = F.normalize(model.encoder_q(x), dim=1)
+    expected = torch.cat([(q * q).sum(1, keepdim=True), q @ queue], dim=1) / 0.5
+    assert logits.shape == (4, 9)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(logits[:, 0], torch.full((4,), 2.0), atol=1e-6)  # q.q / T = 1 / 0.5
+    assert torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    loss = F.cross_entropy(logits, labels)
+    hand = sum(-expected[i, 0] + torch.log(expected[i].exp().sum()) for i in range(4)) / 4
+    assert torch.allclose(loss, hand, atol=1e-6)
+    assert torch.allclose(model.queue[:, :4], q.T, atol=1e-6)  # this batch's keys were enqueued
+
+
+def test_only_query_encoder_receives_gradients():
+    model = tiny_moco()
+    logits, labels = model(torch.randn(4, 6), torch.randn(4, 6))
+    F.cross_entropy(logits, labels).backward()
+    assert model.encoder_q.fc.weight.grad is not None
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+
+
+def test_shuffle_and_unshuffle_are_inverse():
+    model = tiny_moco()
+    x = torch.arange(32.0).view(16, 2)
+    shuffled, inverse = model._shuffle(x)
+    assert not torch.equal(shuffled, x)
+    assert torch.equal(model._unshuffle(shuffled, inverse), x)
+
+
+def test_split_batchnorm_equals_bn_per_sub_batch():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+    split = SplitBatchNorm(3, num_splits=2)
+    with torch.no_grad():
+        split.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        split.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    halves = []
+    for i in range(2):
+        bn = nn.BatchNorm2d(3)
+        bn.load_state_dict({k: v for k, v in split.state_dict().items()})
+        halves.append((bn(x[i::2]), bn.running_mean.clone(), bn.running_var.clone()))
+    out = split(x)
+    assert torch.allclose(out[0::2], halves[0][0], atol=1e-5)  # sub-batch j holds samples j, j + s, ...
+    assert torch.allclose(out[1::2], halves[1][0], atol=1e-5)
+    assert torch.allclose(split.running_mean, (halves[0][1] + halves[1][1]) / 2, atol=1e-6)
+    assert torch.allclose(split.running_var, (halves[0][2] + halves[1][2]) / 2, atol=1e-6)
+    split.eval()
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict(split.state_dict())
+    plain.eval()
+    assert torch.allclose(split(x), plain(x))
+    with pytest.raises(ValueError, match="not divisible by num_splits=2"):
+        split.train()(x[:3])
+
+
+def test_split_bn_keeps_plain_bn_keys():
+    a = build_resnet("resnet18", num_classes=8, bn_splits=4).state_dict()
+    b = build_resnet("resnet18", num_classes=8).state_dict()
+    assert a.keys() == b.keys()
+
+
+def test_mlp_head_layout_matches_official_keys():
+    model = MoCo(partial(build_resnet, "resnet50"), dim=128, K=256, mlp=True)
+    sd = model.state_dict()
+    assert sd["encoder_q.fc.0.weight"].shape == (2048, 2048)
+    assert sd["encoder_q.fc.2.weight"].shape == (128, 2048)
+    assert isinstance(model.encoder_q.fc[1], nn.ReLU)
+    assert sd["queue"].shape == (128, 256) and sd["queue_ptr"].shape == (1,)
+    v1 = MoCo(partial(build_resnet, "resnet18"), dim=128, K=256, mlp=False).state_dict()
+    assert v1["encoder_q.fc.weight"].shape == (128, 512)
+
+
+def test_add_mlp_head_uses_encoder_width():
+    enc = add_mlp_head(build_resnet("resnet18", num_classes=128))
+    assert enc.fc[0].weight.shape == (512, 512) and enc.fc[2].weight.shape == (128, 512)
+
+
+def test_small_image_stem():
+    model = build_resnet("resnet18", num_classes=10, small_images=True)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="--arch 'vgg16'"):
+        build_resnet("vgg16")
