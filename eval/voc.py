@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from moco_transfer.detection_configs import VOC_24K, resolve_config
 
 from moco_transfer.checkpoint import CheckpointError
 from moco_transfer.convert import convert, read_detectron2_weights
+from moco_transfer.detection_configs import VOC_24K, resolve_config
 from moco_transfer.detectron2_ext import Detectron2Missing, register, require_detectron2
 
 from .gpu_scaling import Change, scale_to_gpus

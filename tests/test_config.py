@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+
 from moco_transfer.pretrain.config import PRESETS, ConfigError, PretrainConfig, resolve_config, save_resolved
 from moco_transfer.pretrain.schedule import lr_at_epoch
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from moco_transfer.detection_configs import BASE, COCO_1X, VOC_24K, available_configs, config_path, resolve_config
 
 

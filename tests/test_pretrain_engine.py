@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from moco_transfer.pretrain.config import ConfigError, resolve_config
-from moco_transfer.pretrain.engine import TrainingDiverged, build_model, load_model_state, run_pretraining
 
 from moco_transfer.checkpoint import CheckpointError, atomic_save, find_latest, load_checkpoint
+from moco_transfer.pretrain.config import ConfigError, resolve_config
+from moco_transfer.pretrain.engine import TrainingDiverged, build_model, load_model_state, run_pretraining
 
 from .conftest import write_class_folders
 

@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+
 from moco_transfer.eval.gpu_scaling import scale_to_gpus
 from moco_transfer.eval.voc_layout import VocLayoutError, check_voc_root, our_name, voc_names
 from moco_transfer.eval.voc_trials import (
