@@ -96,7 +96,8 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
                                cfg.temperature)
     classification = {k: voted[effective[k]] for k in cfg.ks}
     recall = recall_at_k(neighbour_labels, val_l, cfg.recall_ks)
-    mean_ap, scored = mean_average_precision(train_f, train_l, val_f, val_l, depth=cfg.map_depth)
+    mean_ap, scored = mean_average_precision(train_f, train_l, val_f, val_l, depth=cfg.map_depth,
+                                             progress="mAP")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     gallery = write_gallery(pair, sims, idx, cfg, out / "knn_gallery.png")

@@ -43,16 +43,19 @@ class FaissGallery:
             self.index = cpu_index
         self.index.add(data)
 
-    def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 4096
+    def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 4096, progress: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k similarities (Q x k, descending) and gallery indices (Q x k, int64)."""
+        from tqdm import tqdm
+
         q = _as_float32(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         k = min(k, self.size)
         sims = np.empty((q.shape[0], k), dtype=np.float32)
         idx = np.empty((q.shape[0], k), dtype=np.int64)
-        for start in range(0, q.shape[0], batch_size):
+        starts = range(0, q.shape[0], batch_size)
+        for start in tqdm(starts, desc=progress, leave=False, unit="batch", disable=progress is None):
             d, i = self.index.search(q[start:start + batch_size], k)
             sims[start:start + batch_size], idx[start:start + batch_size] = d, i
         return torch.from_numpy(sims), torch.from_numpy(idx)

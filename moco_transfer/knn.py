@@ -8,6 +8,7 @@ their k nearest neighbours; AP ranks the whole gallery by similarity (relevant =
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from .faiss_index import FaissGallery, faiss_available
 
@@ -65,7 +66,7 @@ def search_neighbours(gallery: torch.Tensor, queries: torch.Tensor, k: int, back
         raise ValueError(f"backend {backend!r}: expected auto, faiss or torch")
     if backend == "faiss" or (backend == "auto" and faiss_available()):
         index = FaissGallery(gallery)
-        sims, idx = index.search(queries, k, batch_size)
+        sims, idx = index.search(queries, k, batch_size, progress="kNN search")
         return sims, idx, "faiss-gpu" if index.on_gpu else "faiss-cpu"
     sims, idx = torch_search(gallery, queries, k, batch_size)
     return sims, idx, "torch"
@@ -107,8 +108,8 @@ def average_precision(relevant: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_average_precision(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor,
-                           query_labels: torch.Tensor, chunk_size: int = 256, depth: int | None = None
-                           ) -> tuple[float, int]:
+                           query_labels: torch.Tensor, chunk_size: int = 256, depth: int | None = None,
+                           progress: str | None = None) -> tuple[float, int]:
     """mAP (percent) of the queries against the gallery ranked by inner product, and the queries scored.
 
     `depth=None` ranks the full gallery (exact, memory chunk_size x N); a depth truncates each ranking to its
@@ -117,7 +118,8 @@ def mean_average_precision(gallery: torch.Tensor, gallery_labels: torch.Tensor, 
     """
     total, counted = 0.0, 0
     class_count = torch.bincount(gallery_labels, minlength=int(max(gallery_labels.max(), query_labels.max())) + 1)
-    for start in range(0, queries.shape[0], chunk_size):
+    starts = range(0, queries.shape[0], chunk_size)
+    for start in tqdm(starts, desc=progress, leave=False, unit="chunk", disable=progress is None):
         sims = queries[start:start + chunk_size] @ gallery.T
         labels = query_labels[start:start + chunk_size]
         if depth is None:
