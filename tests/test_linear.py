@@ -11,6 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+
+from moco_transfer.augment import eval_transform, linear_train_transform
+from moco_transfer.checkpoint import CheckpointError
+from moco_transfer.cli import main
 from moco_transfer.eval.common import make_datasets
 from moco_transfer.eval.linear import (
     BackboneSource,
@@ -25,10 +29,6 @@ from moco_transfer.eval.linear import (
     train_lbfgs,
     train_sgd,
 )
-
-from moco_transfer.augment import eval_transform, linear_train_transform
-from moco_transfer.checkpoint import CheckpointError
-from moco_transfer.cli import main
 from moco_transfer.pretrained import load_pretrained_backbone
 
 try:  # tests/ is a package in this repository; run as loose files otherwise
