@@ -1,0 +1,116 @@
+"""Pretraining benchmarks, measured side by side in one run.
+
+1. MoCo step overhead: one full training step (MoCo forward with momentum update, shuffle, queue, loss,
+   backward, SGD step) divided by its irreducible parts on the same batch (query encoder forward+backward
+   plus key encoder forward). Target <= 1.10 on CPU.
+2. Data pipeline: images/s the loader delivers with the embedded default's workers vs images/s the step
+   consumes; the loader must not be the bottleneck.
+
+    python benchmarks/bench_pretrain.py            # resnet18 and resnet50
+    python benchmarks/bench_pretrain.py --quick    # resnet18 only, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from moco_transfer.backbone import build_resnet
+from moco_transfer.builder import MoCo
+from moco_transfer.pretrain.config import resolve_config
+from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from moco_transfer.pretrain.engine import build_model
+
+
+def _timed(fn, repeats: int) -> list[float]:  # noqa: ANN001
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def step_overhead(arch: str, image_size: int, batch: int, repeats: int, bn_splits: int) -> None:
+    torch.manual_seed(0)
+    model = MoCo(partial(build_resnet, arch, small_images=True, bn_splits=bn_splits), dim=128, K=65536,
+                 m=0.999, T=0.2, mlp=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
+    im_q, im_k = torch.randn(batch, 3, image_size, image_size), torch.randn(batch, 3, image_size, image_size)
+    model.train()
+
+    def full_step() -> None:
+        logits, labels = model(im_q, im_k)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def irreducible() -> None:
+        model.encoder_q.zero_grad(set_to_none=True)
+        model.encoder_q(im_q).sum().backward()
+        with torch.no_grad():
+            model.encoder_k(im_k)
+
+    for fn in (full_step, irreducible):  # warm-up: allocator, oneDNN primitives
+        fn()
+    full, base = [], []
+    for _ in range(repeats):  # interleaved, so load changes hit both alike
+        full += _timed(full_step, 1)
+        base += _timed(irreducible, 1)
+    f, b = statistics.median(full), statistics.median(base)
+    params = sum(p.numel() for p in model.encoder_q.parameters()) / 1e6
+    print(f"  {arch:9s} {image_size}px batch {batch}, K 65536, {params:.1f}M params: full step {f * 1000:8.1f} ms, "
+          f"irreducible {b * 1000:8.1f} ms  ->  overhead ratio {f / b:.3f}  (target <= 1.10)")
+
+
+def data_pipeline(batches: int) -> None:
+    cfg = resolve_config("digits")
+    device = torch.device("cpu")
+    loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg), device)
+    seed_epoch(loader, cfg.seed, 0)
+    start, seen = time.perf_counter(), 0
+    for i, (views, _, _) in enumerate(loader):
+        seen += views[0].shape[0]
+        if i + 1 == batches:
+            break
+    load_rate = seen / (time.perf_counter() - start)
+
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, foreach=True)
+    views = next(iter(loader))[0]
+
+    def step() -> None:
+        logits, labels = model(views[0], views[1])
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(logits, labels).backward()
+        optimizer.step()
+
+    step()
+    step_rate = cfg.batch_size / statistics.median(_timed(step, 5))
+    print(f"  embedded default (digits, {cfg.arch} {cfg.image_size}px, batch {cfg.batch_size}, "
+          f"{cfg.workers} worker(s)): loader {load_rate:8.1f} img/s, step {step_rate:8.1f} img/s  ->  "
+          f"loader / step {load_rate / step_rate:.2f}  (target > 1: the loader is not the bottleneck)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="resnet18 only, fewer repeats")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print("MoCo step overhead (full step / (q fwd+bwd + k fwd), median of interleaved repeats):")
+    step_overhead("resnet18", 32, 64, repeats, bn_splits=8)
+    if not args.quick:
+        step_overhead("resnet50", 32, 32, repeats, bn_splits=8)
+    print("Data pipeline:")
+    data_pipeline(batches=8)
+
+
+if __name__ == "__main__":
+    main()
