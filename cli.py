@@ -162,6 +162,8 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
         raise click.UsageError(str(exc)) from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     best = report["best"]
     click.echo(f"linear ({mode}) {report['arch']}: final top-1 {report['final']['top1']:.2f} "
                f"top-5 {report['final']['top5']:.2f}; best top-1 {best['top1']:.2f}; "

@@ -289,6 +289,17 @@ def train_lbfgs(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tenso
     return {"C": best_c, "search": search, "final": acc, "best": acc}
 
 
+def divergence_warnings(history: list[dict[str, float]], num_classes: int) -> list[str]:
+    """lr 30 suits MoCo's ImageNet features; on other features it can blow up, which users read as a bad model."""
+    chance = math.log(max(num_classes, 2))
+    losses = [h["train_loss"] for h in history]
+    worst = next((x for x in losses if not math.isfinite(x)), max(losses, default=0.0))
+    if not math.isfinite(worst) or worst > 10 * chance:
+        return [f"training loss reached {worst:.3g} (chance level {chance:.2f}): the lr is too high for these "
+                "features; pass a smaller --lr or use --solver lbfgs"]
+    return []
+
+
 def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike | None = None,
                cfg: LinearConfig | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                resume: bool = False, device: str | None = None) -> dict[str, Any]:
@@ -333,6 +344,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
             result = train_lbfgs(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
                                  num_classes, cfg)
     result.pop("fc", None)
+    extra["warnings"] = divergence_warnings(result.get("history", []), num_classes)
     report = {
         "protocol": {"faithful": "MoCo linear classification (frozen backbone, SGD, step schedule, augmented)",
                      "cached": "linear classifier on cached center-crop features (SGD, same schedule)",

@@ -133,6 +133,14 @@ def test_ddp_on_two_processes_matches_one(tmp_path: Path) -> None:
     assert [h["top1"] for h in ddp["history"]] == pytest.approx([h["top1"] for h in single["history"]])
 
 
+def test_divergence_is_reported() -> None:
+    from moco_transfer.eval.linear import divergence_warnings
+
+    assert divergence_warnings([{"train_loss": 2.0}, {"train_loss": 1.5}], 10) == []
+    assert "smaller --lr" in divergence_warnings([{"train_loss": 2.0}, {"train_loss": 1e4}], 10)[0]
+    assert "nan" in divergence_warnings([{"train_loss": 2.0}, {"train_loss": float("nan")}], 10)[0]
+
+
 def test_lbfgs_picks_c_on_held_out_train() -> None:
     xf, yf = separable(400, 0)
     xv, yv = separable(100, 1)
