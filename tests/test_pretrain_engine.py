@@ -168,3 +168,12 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     data = write_class_folders(tmp_path / "data", classes=1, per_class=3)
     with pytest.raises(DataError, match="fewer than one global batch of 8"):
         run_pretraining(tiny_cfg(data, tmp_path / "out", epochs=1))
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tiny_folder, tmp_path):
+    summary = run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=1, amp="bf16", channels_last=True))
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert ckpt["state_dict"]["module.queue"].dtype == torch.float32
+    assert torch.isfinite(torch.tensor(summary["last"]["loss"]))
+    with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
+        run_pretraining(tiny_cfg(tiny_folder, tmp_path / "fp16", epochs=1, amp="fp16", device="cpu"))
