@@ -4,7 +4,7 @@ The faithful run pushes every augmented image through the frozen backbone every 
 extracts center-crop features once (timed, from an empty cache) and trains the same fc with the same
 optimiser and schedule on them. Prints wall times, the speed-up and the top-1 difference.
 
-    python benchmarks/bench_linear.py --checkpoint runs/digits/checkpoint_0199.pth.tar --epochs 10 --lr 0.1
+    python benchmarks/bench_linear.py --checkpoint runs/digits/checkpoint_0199.pth.tar --epochs 10 --lr 0.01
     python benchmarks/bench_linear.py            # a randomly initialised resnet18 MoCo checkpoint
 """
 
