@@ -118,8 +118,7 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 
 
 @eval_group.command("linear")
-@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
-              help="MoCo checkpoint (this project's or an official one).")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Folder with train/ and val/ class folders; default: the embedded digits set.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="linear_eval", show_default=True,
@@ -144,7 +143,7 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, solver: str, epochs: int,
                 batch_size: int, lr: float | None, milestones: str | None, workers: int, seed: int, resume: bool,
                 cache_dir: str | None, no_cache: bool, device: str | None) -> None:
-    """Linear classification on the frozen backbone (MoCo protocol; --cached or --solver lbfgs for speed)."""
+    """Linear classification on CHECKPOINT's frozen backbone (MoCo protocol; --cached or --solver lbfgs: fast)."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
     from moco_transfer.eval.linear import LinearConfig, run_linear
@@ -174,8 +173,7 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
 
 
 @eval_group.command("knn")
-@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
-              help="MoCo checkpoint (this project's or an official one).")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Folder with train/ (gallery) and val/ (queries) class folders; default: embedded digits.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="knn_eval", show_default=True,
@@ -198,7 +196,7 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
 def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperature: float, map_depth: int | None,
              backend: str, query_batch: int, batch_size: int, workers: int, cache_dir: str | None, no_cache: bool,
              device: str | None) -> None:
-    """Weighted kNN top-1/top-5 and retrieval recall@1/5/10 + mAP with FAISS, plus a neighbour gallery."""
+    """Weighted kNN top-1/top-5 and retrieval recall@1/5/10 + mAP of CHECKPOINT's features, with FAISS."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
     from moco_transfer.eval.knn import KnnConfig, parse_ks, run_knn

@@ -26,6 +26,7 @@ from moco_transfer.checkpoint import CheckpointError
 from moco_transfer.convert import convert, read_detectron2_weights
 from moco_transfer.detection_configs import VOC_24K, resolve_config
 from moco_transfer.detectron2_ext import Detectron2Missing, register, require_detectron2
+from moco_transfer.fileio import describe_key_mismatch, sha256_file
 
 from .gpu_scaling import Change, scale_to_gpus
 from .voc_layout import VOC_SPLITS, VocLayoutError, check_voc_root, our_name, voc_names
@@ -34,7 +35,6 @@ from .voc_trials import (
     TrialState,
     check_run,
     read_metrics,
-    sha256_file,
     summarize,
     trial_dir,
     trial_seed,
@@ -195,17 +195,8 @@ def check_weights(cfg: Any, weights_path: Path, weights: dict[str, Any]) -> dict
     state = model.state_dict()
     expected = expected_weight_names(state)
     names = {k for k in weights if not k.startswith(IGNORED_WEIGHT_PREFIXES)}
-    missing = sorted(v for v in expected.values() if v not in names)
-    unexpected = sorted(names - set(expected.values()))
-    shapes = sorted(f"{w} {tuple(np.shape(weights[w]))} vs model {tuple(state[m].shape)}"
-                    for m, w in expected.items() if w in names and tuple(np.shape(weights[w])) != tuple(state[m].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} backbone tensors missing from the weights (e.g. {', '.join(missing[:6])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} weight tensors unused by the model (e.g. {', '.join(unexpected[:6])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:4])})")
+    problems = describe_key_mismatch({w: tuple(state[m].shape) for m, w in expected.items()},
+                                     {w: tuple(np.shape(weights[w])) for w in names})
     if problems:
         raise VocSetupError(f"weights {weights_path} do not match the config's backbone "
                             f"(RESNETS.DEPTH {cfg.MODEL.RESNETS.DEPTH}, ROI head {cfg.MODEL.ROI_HEADS.NAME}): "

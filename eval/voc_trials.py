@@ -9,15 +9,15 @@ Layout of an output folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import statistics
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from moco_transfer.fileio import atomic_open
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
@@ -56,25 +56,14 @@ def trial_state(folder: str | os.PathLike) -> TrialState:
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     """JSON via a temporary file and rename, so a crash never leaves half a metrics or summary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _finite(x: Any) -> float | None:
@@ -139,14 +128,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append("std is the sample standard deviation over finished trials.")
     return "\n".join(lines) + "\n"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_run(out_dir: str | os.PathLike, fingerprint: dict[str, str], record: bool = True) -> bool:

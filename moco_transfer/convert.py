@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torchvision
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, query_encoder_state
+from .fileio import atomic_open, describe_key_mismatch
 
 TARGETS = ("detectron2", "torchvision")
 D2_AUTHOR = "MOCO"
@@ -100,17 +100,8 @@ def _reference_state(arch: str) -> dict[str, torch.Size]:
 def check_backbone(state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped keys against torchvision's `arch`."""
     ref = _reference_state(arch)
-    missing = sorted(set(ref) - set(state))
-    unexpected = sorted(set(state) - set(ref))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} != {tuple(ref[k])}"
-                    for k in set(ref) & set(state) if tuple(state[k].shape) != tuple(ref[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} backbone keys (e.g. {', '.join(missing[:6])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:6])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:4])})")
+    problems = describe_key_mismatch({k: tuple(v) for k, v in ref.items()},
+                                     {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise CheckpointError(f"{source}: query encoder does not match torchvision {arch}: " + "; ".join(problems))
 
@@ -201,18 +192,8 @@ def read_detectron2_weights(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write_pickle(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, target: str = "detectron2",

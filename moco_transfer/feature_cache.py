@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fileio import atomic_open
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOCO_CACHE_DIR", Path.home() / ".cache" / "moco_transfer" / "features"))
 
@@ -65,16 +66,8 @@ class FeatureCache:
 
     def save(self, key: str, features: torch.Tensor, labels: torch.Tensor) -> Path:
         """Atomic write (temporary file + rename) so an interrupted run never leaves a half file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, features=features.cpu().numpy().astype(np.float32), labels=labels.cpu().numpy())
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(self.path(key), "wb") as f:
+            np.savez(f, features=features.cpu().numpy().astype(np.float32), labels=labels.cpu().numpy())
         return self.path(key)
 
     def get_or_compute(self, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]

@@ -7,7 +7,6 @@ what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 
 from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
 from .checkpoint import CheckpointError, load_checkpoint, query_encoder_state
+from .fileio import sha256_file
 
 
 @dataclass
@@ -32,15 +32,6 @@ class PretrainedBackbone:
     epoch: int | None
     path: Path
     fingerprint: str
-
-
-def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of the file's bytes: a cache key that survives copies and renames but not retraining."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _infer_arch(state: dict[str, torch.Tensor], small_images: bool, path: Path) -> str:
@@ -98,4 +89,4 @@ def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str
     epoch = ckpt.get("epoch")
     return PretrainedBackbone(
         model=model, arch=arch, small_images=small, image_size=image_size, feature_dim=feature_dim(arch),
-        epoch=int(epoch) if isinstance(epoch, int | float) else None, path=path, fingerprint=file_fingerprint(path))
+        epoch=int(epoch) if isinstance(epoch, int | float) else None, path=path, fingerprint=sha256_file(path))

@@ -27,6 +27,7 @@ from moco_transfer.checkpoint import (
     with_module_prefix,
     without_module_prefix,
 )
+from moco_transfer.fileio import atomic_open, describe_key_mismatch
 
 from .config import ConfigError, PretrainConfig, save_resolved
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
@@ -80,15 +81,11 @@ def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: s
         if name not in sd:
             sd[name] = getattr(model, name).detach().clone()
             notes.append(f"no {name} in the file: a fresh one is used")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{source}: does not fit the configured model (--arch/--mlp/--moco-dim/--moco-k): "
-            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-            f"{'...' if len(unexpected) > 6 else ''}, wrong shape {wrong[:6]}")
+    problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                     {k: tuple(v.shape) for k, v in sd.items()})
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the configured model (--arch/--mlp/--moco-dim/--moco-k): "
+                              + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
     return notes
 
@@ -278,7 +275,5 @@ def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, sc
 
 def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
     """The JSON-lines log is rewritten from the checkpoint's history, so a resumed run never repeats a line."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".log.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(out / "log.jsonl")
+    with atomic_open(out / "log.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in history))

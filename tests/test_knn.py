@@ -25,10 +25,7 @@ from moco_transfer.knn import (
     weighted_knn_predict,
 )
 
-try:  # tests/ is a package in this repository; run as loose files otherwise
-    from .eval_helpers import make_checkpoint, make_image_folder
-except ImportError:
-    from eval_helpers import make_checkpoint, make_image_folder
+from .eval_helpers import make_checkpoint, make_image_folder
 
 
 def test_weighted_vote_hand_computed() -> None:
@@ -126,7 +123,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_moco_eval_knn_end_to_end(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
-    args = ["eval", "knn", "-c", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--k", "1,3,20",
+    args = ["eval", "knn", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--k", "1,3,20",
             "--cache-dir", str(tmp_path / "cache"), "-j", "0"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -151,13 +148,13 @@ def test_moco_eval_knn_end_to_end(tmp_path: Path, tiny: tuple[Path, Path]) -> No
 def test_moco_eval_knn_bad_inputs(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
     run = lambda *a: CliRunner().invoke(main, ["eval", "knn", "-o", str(tmp_path / "o"), "--no-cache", *a])  # noqa: E731
-    r = run("-c", str(ckpt), "--data", str(data / "train"))
+    r = run(str(ckpt), "--data", str(data / "train"))
     assert r.exit_code == 2 and "no train/ folder" in r.output
     mismatch = make_image_folder(tmp_path / "mm", {"train": ["a", "b"], "val": ["a", "d"]}, per_class=1)
-    r = run("-c", str(ckpt), "--data", str(mismatch))
+    r = run(str(ckpt), "--data", str(mismatch))
     assert r.exit_code == 2 and "same class folders" in r.output
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
-    r = run("-c", str(tmp_path / "other.pth"), "--data", str(data))
+    r = run(str(tmp_path / "other.pth"), "--data", str(data))
     assert r.exit_code == 2 and "no query-encoder keys" in r.output and "other.pth" in r.output
-    r = run("-c", str(ckpt), "--k", "0,5")
+    r = run(str(ckpt), "--k", "0,5")
     assert r.exit_code == 2 and "--k" in r.output

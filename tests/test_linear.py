@@ -31,10 +31,7 @@ from moco_transfer.eval.linear import (
 )
 from moco_transfer.pretrained import load_pretrained_backbone
 
-try:  # tests/ is a package in this repository; run as loose files otherwise
-    from .eval_helpers import make_checkpoint, make_image_folder
-except ImportError:
-    from eval_helpers import make_checkpoint, make_image_folder
+from .eval_helpers import make_checkpoint, make_image_folder
 
 CPU = torch.device("cpu")
 
@@ -177,7 +174,7 @@ def test_frozen_backbone_unchanged_even_if_left_in_train_mode(tiny: tuple[Path, 
 
 def test_moco_eval_linear_faithful_then_resume(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
-    args = ["eval", "linear", "-c", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--epochs", "2",
+    args = ["eval", "linear", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--epochs", "2",
             "-b", "6", "--lr", "0.01", "-j", "0"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -197,7 +194,7 @@ def test_moco_eval_linear_faithful_then_resume(tmp_path: Path, tiny: tuple[Path,
 
 def test_moco_eval_linear_cached_and_lbfgs(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
-    common = ["-c", str(ckpt), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "-j", "0"]
+    common = [str(ckpt), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "-j", "0"]
     r = CliRunner().invoke(main, ["eval", "linear", *common, "-o", str(tmp_path / "c"), "--cached", "--epochs", "5",
                                   "-b", "18", "--lr", "0.05"])
     assert r.exit_code == 0, r.output
@@ -217,14 +214,14 @@ def test_moco_eval_linear_cached_and_lbfgs(tmp_path: Path, tiny: tuple[Path, Pat
 def test_moco_eval_linear_bad_inputs(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
     run = lambda *a: CliRunner().invoke(main, ["eval", "linear", "-o", str(tmp_path / "o"), "--no-cache", *a])  # noqa: E731
-    r = run("-c", str(ckpt), "--data", str(tmp_path / "nowhere"))
+    r = run(str(ckpt), "--data", str(tmp_path / "nowhere"))
     assert r.exit_code == 2 and "folder not found" in r.output
     empty = make_image_folder(tmp_path / "e", {"train": ["a"], "val": ["a"]}, per_class=1)
     for f in (empty / "train" / "a").iterdir():
         f.unlink()
-    r = run("-c", str(ckpt), "--data", str(empty), "--cached")
+    r = run(str(ckpt), "--data", str(empty), "--cached")
     assert r.exit_code == 2 and "no images" in r.output
-    r = run("-c", str(tmp_path / "missing.pth.tar"))
+    r = run(str(tmp_path / "missing.pth.tar"))
     assert r.exit_code == 2 and "file not found" in r.output
-    r = run("-c", str(ckpt), "--milestones", "sixty")
+    r = run(str(ckpt), "--milestones", "sixty")
     assert r.exit_code == 2 and "--milestones" in r.output

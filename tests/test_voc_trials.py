@@ -21,10 +21,7 @@ from moco_transfer.eval.voc_trials import (
     write_metrics,
 )
 
-try:  # tests/ is a package in this repo; also works when it is not
-    from .voc_synthetic import write_voc
-except ImportError:
-    from voc_synthetic import write_voc
+from .voc_synthetic import write_voc
 
 
 def test_trial_states_follow_files(tmp_path):
