@@ -37,6 +37,7 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--small-images/--imagenet-stem", "small_images", default=None,
                      help="3x3 stride-1 stem without maxpool, for 32-64 px images."),
         click.option("--image-size", type=int, help="Crop size of the augmented views."),
+        click.option("--crop-min", type=float, help="Smallest crop area fraction (0.2 in MoCo v1/v2)."),
         click.option("--epochs", type=int),
         click.option("--batch-size", type=int, help="Global batch size over all processes."),
         click.option("--base-lr", type=float, help="lr per 256 images (scaled linearly with --batch-size)."),

@@ -23,6 +23,7 @@ class PretrainConfig:
     arch: str = "resnet50"
     small_images: bool = False         # 3x3 stride-1 stem without maxpool, for 32-64 px images
     image_size: int = 224
+    crop_min: float = 0.2              # smallest RandomResizedCrop area fraction of the views
     epochs: int = 200
     batch_size: int = 256              # global, over all processes
     base_lr: float = 0.03              # per 256 images; the lr used is base_lr * batch_size / 256
@@ -64,8 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mocov2": dict(_V2, epochs=200),
     "mocov2-800ep": dict(_V2, epochs=800),
     # The embedded default: scikit-learn digits, ~5 minutes on 2 CPU cores.
-    "digits": dict(_V2, data=None, arch="resnet18", small_images=True, image_size=16, epochs=12,
-                   batch_size=128, base_lr=0.12, moco_k=1024, moco_m=0.99, bn_splits=4, workers=1,
+    "digits": dict(_V2, data=None, arch="resnet18", small_images=True, image_size=16, crop_min=0.5, epochs=8,
+                   batch_size=64, base_lr=0.24, moco_k=1024, moco_m=0.99, bn_splits=4, workers=1,
                    knn_every=4, knn_k=20, print_baseline=True, output="runs/digits"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
@@ -151,6 +152,8 @@ def validate(cfg: PretrainConfig) -> None:
         bad("workers", "0 or more")
     if not 0.0 <= cfg.moco_m < 1.0:
         bad("moco_m", "a momentum in [0, 1)")
+    if not 0.0 < cfg.crop_min <= 1.0:
+        bad("crop_min", "an area fraction in (0, 1]")
     if cfg.moco_t <= 0:
         bad("moco_t", "a positive temperature")
     if cfg.moco_k % cfg.batch_size:

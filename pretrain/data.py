@@ -13,7 +13,7 @@ from .config import PretrainConfig
 
 
 def build_pretrain_dataset(cfg: PretrainConfig) -> torch.utils.data.Dataset:
-    augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size)
+    augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size, cfg.crop_min)
     if cfg.data is None:
         return DigitsDataset("train", TwoCrops(augmentation), image_size=cfg.image_size)
     return ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation))
