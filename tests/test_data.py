@@ -101,3 +101,11 @@ def test_corrupt_images_are_replaced_and_reported(tmp_path):
     samples, targets, reported = collate_with_skips(items)
     assert samples.shape == (8, 3, 24, 24) and targets.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert len(reported) == 2
+
+
+def test_small_crops_scale_blur_and_take_crop_min():
+    aug = moco_v2_augmentation(16, crop_min=0.5)
+    assert _find(aug, T.RandomResizedCrop)[0].scale == (0.5, 1.0)
+    _, blur = _find(aug, GaussianBlur)[0]
+    assert blur.sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
+    assert _find(moco_v1_augmentation(16, crop_min=0.3), T.RandomResizedCrop)[0].scale == (0.3, 1.0)
