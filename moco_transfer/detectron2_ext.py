@@ -46,8 +46,8 @@ def _make_head_class() -> type:
     class Res5ROIHeadsExtraNorm(Res5ROIHeads):
         """Res5ROIHeads whose res5 stage ends with one more norm layer of MODEL.RESNETS.NORM.
 
-        The MoCo protocol trains every BN layer; the ResNet stem's norm has no counterpart at the end of the
-        res5 head, so one is appended (module `res5.norm`) before the box predictor's pooling.
+        This is the head of the MoCo authors' detection protocol: res5 followed by a norm layer (module
+        `res5.norm`, freshly initialised) before the box predictor's pooling.
         """
 
         @classmethod
