@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from moco_transfer.augment import eval_transform
+from moco_transfer.data import make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.knn import knn_classification, mean_average_precision, recall_at_k, search_neighbours
 from moco_transfer.pretrained import load_pretrained_backbone
 
-from .common import backbone_features, make_datasets, pick_device
+from .common import backbone_features, pick_device
 from .report import save_gallery
 
 

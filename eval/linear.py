@@ -27,11 +27,11 @@ from tqdm import tqdm
 from moco_transfer import distributed as du
 from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError, atomic_save
-from moco_transfer.data import collate_with_skips
+from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
 
-from .common import backbone_features, make_datasets
+from .common import backbone_features
 from .report import save_curve
 
 MODES = ("faithful", "cached", "lbfgs")

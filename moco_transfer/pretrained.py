@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
 from .checkpoint import CheckpointError, load_checkpoint, query_encoder_state
-from .fileio import sha256_file
+from .fileio import describe_key_mismatch, sha256_file
 
 
 @dataclass
@@ -44,20 +44,11 @@ def _infer_arch(state: dict[str, torch.Tensor], small_images: bool, path: Path) 
 
 
 def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path}: {len(missing)} {arch} backbone weights missing under 'module.encoder_q.' "
-            f"(e.g. {missing[:8]}); refusing to evaluate a partly random network")
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path}: {len(unexpected)} query-encoder tensors that a {arch} "
-                              f"backbone does not have (e.g. {unexpected[:8]})")
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if state[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"checkpoint {path}: shapes differ from {arch} (checkpoint vs model): {wrong[:5]}")
+    problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                     {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: query encoder under 'module.encoder_q.' does not match a {arch} "
+                              f"backbone ({'; '.join(problems)}); refusing to evaluate a partly random network")
 
 
 def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str = "cpu") -> PretrainedBackbone:

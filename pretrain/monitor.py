@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from moco_transfer.augment import eval_transform
 from moco_transfer.backbone import ResNetTrunk
-from moco_transfer.data import DigitsDataset, ImageFolderDataset, collate_with_skips, resolve_split
-from moco_transfer.features import extract_features
+from moco_transfer.data import make_datasets
+from moco_transfer.features import extract_features, feature_loader
 from moco_transfer.knn import topk_accuracy, weighted_knn_predict
 
 from .config import PretrainConfig
@@ -20,18 +19,12 @@ class KnnMonitor:
 
     def __init__(self, cfg: PretrainConfig, device: torch.device) -> None:
         transform = eval_transform(cfg.image_size)
-        root = cfg.knn_data or cfg.data
-        if root is None:
-            train, val = DigitsDataset("train", transform, cfg.image_size), DigitsDataset("val", transform,
-                                                                                          cfg.image_size)
-        else:
-            train = ImageFolderDataset(resolve_split(root, "train", required=True), transform)
-            val = ImageFolderDataset(resolve_split(root, "val", required=True), transform)
-        self.num_classes = len(train.classes)
+        pair = make_datasets(cfg.knn_data or cfg.data, transform, transform, cfg.image_size)
+        self.num_classes = len(pair.classes)
         self.k, self.t, self.device = cfg.knn_k, cfg.knn_t, device
-        kwargs = dict(batch_size=256, num_workers=min(cfg.workers, 4), collate_fn=collate_with_skips)
-        self.train_loader = DataLoader(train, **kwargs)
-        self.val_loader = DataLoader(val, **kwargs)
+        workers = min(cfg.workers, 4)
+        self.train_loader = feature_loader(pair.train, workers=workers, device=device)
+        self.val_loader = feature_loader(pair.val, workers=workers, device=device)
 
     def __call__(self, encoder: nn.Module) -> float:
         """Top-1 (%) of the encoder's avgpool features; the encoder's projection head is not used."""

@@ -13,8 +13,8 @@ from moco_transfer.augment import eval_transform
 from moco_transfer.backbone import build_resnet
 from moco_transfer.builder import MoCo
 from moco_transfer.checkpoint import CheckpointError
-from moco_transfer.data import DataError, ImageFolderDataset
-from moco_transfer.eval.common import backbone_features, make_datasets
+from moco_transfer.data import DataError, ImageFolderDataset, make_datasets
+from moco_transfer.eval.common import backbone_features
 from moco_transfer.feature_cache import FeatureCache, cache_key, samples_signature
 from moco_transfer.features import extract_features, feature_loader
 from moco_transfer.pretrained import load_pretrained_backbone

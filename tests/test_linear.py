@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError
 from moco_transfer.cli import main
-from moco_transfer.eval.common import make_datasets
+from moco_transfer.data import make_datasets
 from moco_transfer.eval.linear import (
     BackboneSource,
     LinearConfig,
