@@ -19,6 +19,21 @@ def eval_group() -> None:
     """Evaluate a pretrained checkpoint: linear classification, kNN retrieval, VOC detection."""
 
 
+def _log_every_option(expose_value: bool = False):  # noqa: ANN202 - a click decorator
+    """--log-every: when output is not a terminal, a plain progress line every N seconds replaces the bars."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is not None:
+            from moco_transfer.progress import set_log_every
+
+            set_log_every(value)
+        return value
+
+    return click.option("--log-every", type=click.FloatRange(min=0), default=None, expose_value=expose_value,
+                        callback=apply, help="Seconds between plain progress lines when the output is a log file, "
+                                             "not a terminal (default 30; 0: none).")
+
+
 # --- pretrain -------------------------------------------------------------------------------------------
 
 
@@ -66,6 +81,10 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--keep-every", type=int, help="Also keep every N-th epoch's checkpoint."),
         click.option("--print-baseline/--no-print-baseline", default=None,
                      help="At the end, kNN accuracy of the same architecture with random weights."),
+        click.option("--data-pipeline", type=click.Choice(["auto", "cpu", "gpu"]),
+                     help="cpu: workers decode and augment; gpu: workers read bytes, the device decodes and "
+                          "augments (also runs on CPU tensors). auto: gpu on CUDA, else cpu."),
+        _log_every_option(expose_value=True),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -80,11 +99,13 @@ def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, .
     from moco_transfer.data import DataError
     from moco_transfer.pretrain.config import ConfigError, resolve_config
     from moco_transfer.pretrain.engine import TrainingDiverged, run_pretraining
+    from moco_transfer.progress import set_log_every
 
     if schedule:
         options["schedule"] = list(schedule)
     try:
         cfg = resolve_config(options.pop("preset"), config_file, options)
+        set_log_every(cfg.log_every)  # the kNN monitor's bars too; --config may set it
         run_pretraining(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -119,6 +140,7 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 
 
 @eval_group.command("linear")
+@_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Folder with train/ and val/ class folders; default: the embedded digits set.")
@@ -174,6 +196,7 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
 
 
 @eval_group.command("knn")
+@_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Folder with train/ (gallery) and val/ (queries) class folders; default: embedded digits.")

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from moco_transfer import distributed as du
 from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError, atomic_save
 from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
+from moco_transfer.progress import progress
 from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
 
 from .common import backbone_features
@@ -217,16 +217,16 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         fc.load_state_dict(state["fc"])
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
-    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
-                      total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
+    epochs_bar = progress(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
+                          total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
     for epoch in epochs_bar:
         lr = lr_at_epoch(lr0, epoch, milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
         fc.train()
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(source.train_batches(epoch), total=len(source), leave=False, dynamic_ncols=True,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (show_batches and du.is_main_process()))
+        bar = progress(source.train_batches(epoch), total=len(source), leave=False, dynamic_ncols=True,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (show_batches and du.is_main_process()))
         for feats, labels in bar:
             feats, labels = feats.to(device), labels.to(device)
             loss = F.cross_entropy(model(feats), labels)
@@ -276,7 +276,7 @@ def train_lbfgs(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tenso
                                                     stratify=stratify)
     scaler = StandardScaler().fit(x_fit)
     search = []
-    for c in tqdm(cfg.lbfgs_grid, desc="lbfgs: choosing C", dynamic_ncols=True):
+    for c in progress(cfg.lbfgs_grid, desc="lbfgs: choosing C", dynamic_ncols=True):
         clf = LogisticRegression(C=c, max_iter=cfg.lbfgs_max_iter).fit(scaler.transform(x_fit), y_fit)
         search.append({"C": c, "holdout_top1": 100.0 * float((clf.predict(scaler.transform(x_hold)) == y_hold).mean())})
     best_c = max(search, key=lambda s: (s["holdout_top1"], -s["C"]))["C"]

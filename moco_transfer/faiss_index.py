@@ -46,7 +46,7 @@ class FaissGallery:
     def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 4096, progress: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k similarities (Q x k, descending) and gallery indices (Q x k, int64)."""
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
         q = _as_float32(queries)
         if q.shape[1] != self.dim:
@@ -55,7 +55,7 @@ class FaissGallery:
         sims = np.empty((q.shape[0], k), dtype=np.float32)
         idx = np.empty((q.shape[0], k), dtype=np.int64)
         starts = range(0, q.shape[0], batch_size)
-        for start in tqdm(starts, desc=progress, leave=False, unit="batch", disable=progress is None):
+        for start in progress_bar(starts, desc=progress, leave=False, unit="batch", disable=progress is None):
             d, i = self.index.search(q[start:start + batch_size], k)
             sims[start:start + batch_size], idx[start:start + batch_size] = d, i
         return torch.from_numpy(sims), torch.from_numpy(idx)

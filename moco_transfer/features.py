@@ -7,9 +7,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .data import collate_with_skips
+from .progress import progress as progress_bar
 
 
 def feature_loader(dataset: torch.utils.data.Dataset, batch_size: int = 256, workers: int = 2,
@@ -38,7 +38,7 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
-    bar = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True, unit="batch") if progress else None
+    bar = progress_bar(loader, desc=progress, leave=False, dynamic_ncols=True, unit="batch") if progress else None
     seen, start = 0, time.perf_counter()
     for batch in bar if bar is not None else loader:
         images, targets = batch[0], batch[1]

@@ -8,9 +8,9 @@ their k nearest neighbours; AP ranks the whole gallery by similarity (relevant =
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from .faiss_index import FaissGallery, faiss_available
+from .progress import progress as progress_bar
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def mean_average_precision(gallery: torch.Tensor, gallery_labels: torch.Tensor, 
     total, counted = 0.0, 0
     class_count = torch.bincount(gallery_labels, minlength=int(max(gallery_labels.max(), query_labels.max())) + 1)
     starts = range(0, queries.shape[0], chunk_size)
-    for start in tqdm(starts, desc=progress, leave=False, unit="chunk", disable=progress is None):
+    for start in progress_bar(starts, desc=progress, leave=False, unit="chunk", disable=progress is None):
         sims = queries[start:start + chunk_size] @ gallery.T
         labels = query_labels[start:start + chunk_size]
         if depth is None:

@@ -52,6 +52,8 @@ class PretrainConfig:
     print_baseline: bool = False       # compare with a random-weights encoder at the end (kNN)
 
     @property
+    data_pipeline: str = "auto"        # auto | cpu | gpu: decode + augment in workers (cpu) or on the device
+    log_every: float = 30.0            # seconds between plain progress lines when output is not a terminal
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
@@ -171,3 +173,7 @@ def save_resolved(cfg: PretrainConfig, folder: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
+    if cfg.data_pipeline not in ("auto", "cpu", "gpu"):
+        bad("data_pipeline", "auto, cpu or gpu")
+    if not cfg.log_every >= 0:
+        bad("log_every", "0 (no progress lines) or a number of seconds")

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from moco_transfer import distributed as du
 from moco_transfer.backbone import build_resnet
@@ -28,6 +27,7 @@ from moco_transfer.checkpoint import (
     without_module_prefix,
 )
 from moco_transfer.fileio import atomic_open, describe_key_mismatch
+from moco_transfer.progress import progress, write
 
 from .config import ConfigError, PretrainConfig, save_resolved
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
@@ -44,7 +44,7 @@ class TrainingDiverged(RuntimeError):
 
 def log(message: str) -> None:
     if du.is_main_process():
-        tqdm.write(message)
+        write(message)
 
 
 def select_device(cfg: PretrainConfig) -> torch.device:
@@ -119,18 +119,47 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
 
 
+SYNC_SECONDS = 1.0  # how often train_one_epoch reads the step figures from the device (one sync each time)
+
+
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device, epoch: int,
                     lr: float) -> EpochStats:
+    """One epoch of MoCo steps without a host sync per step.
+
+    Each step's loss and top-1 stay on the device in a per-epoch buffer; the host reads the new entries in one
+    transfer about every SYNC_SECONDS and at the end of the epoch, checks them for NaN/inf there and names the
+    first bad step. The epoch's checkpoint is written only after that last check, so the previous good one stays.
+    """
     model.train()
     amp_dtype = autocast_dtype(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    total_steps = len(loader)
+    figures = torch.zeros(total_steps, 2, device=device)  # per step: loss, top-1 fraction
     loss_sum = acc_sum = 0.0
-    steps = 0
+    steps = read = 0
     skipped: list[str] = []
-    start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not du.is_main_process(),
-               dynamic_ncols=True, leave=False, mininterval=1.0)
+    start = last_read = time.perf_counter()
+    bar = progress(total=total_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not du.is_main_process(),
+                   dynamic_ncols=True, leave=False, mininterval=1.0, log_every=cfg.log_every)
+
+    def read_figures() -> None:
+        nonlocal loss_sum, acc_sum, read
+        window = figures[read:steps].tolist()
+        for offset, (loss_value, acc) in enumerate(window):
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {read + offset + 1} (lr {lr:.4g}); the run "
+                    f"stopped and the last good checkpoint in {cfg.output} is intact. Lower --lr or --base-lr"
+                    f"{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
+            loss_sum += loss_value
+            acc_sum += acc * 100.0
+        read = steps
+        images_per_s = steps * cfg.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{sum(w[0] for w in window) / max(len(window), 1):.4f}", lr=f"{lr:.4g}",
+                        img_s=f"{images_per_s:.1f}", refresh=False)
+
     for views, _, bad in loader:
         skipped.extend(bad)
         im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
@@ -138,23 +167,19 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, labels = model(im_q, im_k)
             loss = F.cross_entropy(logits, labels)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss_value} at epoch {epoch + 1}, step {steps + 1} (lr {lr:.4g}); the run stopped "
-                f"and the last good checkpoint in {cfg.output} is intact. Lower --lr or --base-lr"
-                f"{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        figures[steps, 0] = loss.detach()
+        figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
         steps += 1
-        loss_sum += loss_value
-        acc_sum += (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
-        images_per_s = steps * cfg.batch_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", refresh=False)
+        if time.perf_counter() - last_read >= SYNC_SECONDS:
+            read_figures()
+            last_read = time.perf_counter()
         bar.update()
+    if read < steps:
+        read_figures()
     bar.close()
     elapsed = time.perf_counter() - start
     return EpochStats(
@@ -188,7 +213,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
     device = select_device(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
-    dataset = build_pretrain_dataset(cfg)
+    dataset = build_pretrain_dataset(cfg, device)
     loader = build_pretrain_loader(cfg, dataset, device)
     model = build_model(cfg).to(device)
     if cfg.channels_last:
@@ -224,8 +249,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
             f"{'aug+' if cfg.aug_plus else 'v1 aug'}, {'cosine' if cfg.cos else 'step'} lr, device {device}")
 
     ckpt_path = find_latest(out) if start_epoch else None
-    epochs_bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
-                      disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0)
+    epochs_bar = progress(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
+                          disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0,
+                          log_every=cfg.log_every)
     for epoch in epochs_bar:
         lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
         for group in optimizer.param_groups:
