@@ -10,9 +10,15 @@ from moco_transfer.augment import TwoCrops, moco_v1_augmentation, moco_v2_augmen
 from moco_transfer.data import DataError, DigitsDataset, ImageFolderDataset, collate_with_skips, resolve_split
 
 from .config import PretrainConfig
+from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, collate_raw, resolve_pipeline, training_dtype
 
 
-def build_pretrain_dataset(cfg: PretrainConfig) -> torch.utils.data.Dataset:
+def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = None) -> torch.utils.data.Dataset:
+    """Augmented view pairs (CPU pipeline), or undecoded bytes / uint8 images for the device pipeline."""
+    if resolve_pipeline(cfg, device or torch.device("cpu")) == "gpu":
+        if cfg.data is None:
+            return TensorImages(DigitsDataset("train", None, image_size=cfg.image_size))
+        return ImageBytesDataset(resolve_split(cfg.data, "train"))
     augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size, cfg.crop_min)
     if cfg.data is None:
         return DigitsDataset("train", TwoCrops(augmentation), image_size=cfg.image_size)
@@ -20,8 +26,12 @@ def build_pretrain_dataset(cfg: PretrainConfig) -> torch.utils.data.Dataset:
 
 
 def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset,
-                          device: torch.device) -> DataLoader:
-    """drop_last keeps every batch full, so K stays a multiple of the batch and the queue wraps exactly."""
+                          device: torch.device) -> DataLoader | DevicePipeline:
+    """drop_last keeps every batch full, so K stays a multiple of the batch and the queue wraps exactly.
+
+    With the device pipeline the DataLoader only carries bytes; DevicePipeline decodes and augments on `device`
+    and yields the same `(views, targets, skipped)` batches.
+    """
     world = du.world_size()
     if cfg.batch_size % world:
         raise DataError(f"--batch-size {cfg.batch_size}: must be divisible by the {world} processes")
@@ -33,16 +43,28 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator())
-    return DataLoader(
+    gpu = resolve_pipeline(cfg, device) == "gpu"
+    loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=device.type == "cuda", collate_fn=collate_with_skips,
+        pin_memory=device.type == "cuda", collate_fn=collate_raw if gpu else collate_with_skips,
         generator=torch.Generator(), persistent_workers=False,
     )
+    if not gpu:
+        return loader
+    from .gpu_augment import BatchedMocoAugment
+
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    augment = BatchedMocoAugment(cfg.image_size, crop_min=cfg.crop_min, aug_plus=cfg.aug_plus,
+                                 out_dtype=training_dtype(cfg), memory_format=memory_format)
+    return DevicePipeline(loader, augment, device)
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+def seed_epoch(loader: DataLoader | DevicePipeline, seed: int, epoch: int) -> None:
     """Make epoch `epoch` draw the same order and augmentations however the run got there (resume)."""
     epoch_seed = seed * 100_003 + epoch
+    if isinstance(loader, DevicePipeline):
+        loader.seed(epoch_seed + 15_485_863 * (du.rank() + 1))
+        loader = loader.loader
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     else:
