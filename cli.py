@@ -1,4 +1,4 @@
-"""The `moco` command: pretrain, convert, eval linear|knn|voc.
+"""The `moco` command: pretrain, convert, eval linear|knn|voc, report.
 
 Installed as `moco_transfer.cli`; commands are thin: they parse options and call the package's modules.
 """
@@ -292,6 +292,35 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
     click.echo(f"{summary['trials_finished']} trials: " + ", ".join(
         f"{k} {mean[k]:.2f}" + (f" +- {std[k]:.2f}" if std[k] is not None else "")
         for k in ("AP", "AP50", "AP75") if mean[k] is not None))
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+@main.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Also write the table to this Markdown file (atomically) and a bar chart beside it (.png).")
+@click.option("--group-by", type=click.Choice(["checkpoint", "recipe"]), default="checkpoint", show_default=True,
+              help="recipe: pool checkpoints whose pretraining configs differ only in seed (mean ± std over them).")
+@click.option("--knn-k", "knn_ks", type=click.IntRange(min=1), multiple=True,
+              help="k values taken from knn.json files (repeatable; default 200; a file without them shows all its k).")
+@click.option("--decimals", type=click.IntRange(min=0, max=4), default=1, show_default=True)
+def report_cmd(paths: tuple[str, ...], output: str | None, group_by: str, knn_ks: tuple[int, ...],
+               decimals: int) -> None:
+    """One table of the results found under PATHS (pretraining runs, eval linear/knn/voc), tech-report layout."""
+    from moco_transfer.eval.results_table import ReportError, build_report, write_report
+
+    try:
+        report = build_report(paths, group_by, knn_ks or None, decimals)
+    except ReportError as exc:
+        raise click.UsageError(str(exc)) from None
+    for line in report.skipped:
+        click.echo(f"warning: skipped {line}", err=True)
+    click.echo(report.markdown, nl=False)
+    if output:
+        md, png = write_report(report, output)
+        click.echo(f"wrote {md} and {png}", err=True)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
     gallery = write_gallery(pair, sims, idx, cfg, out / "knn_gallery.png")
     report = {
         "protocol": "weighted kNN (exp(cos / T) votes) and class-label retrieval on L2-normalised avgpool features",
-        "checkpoint": str(pb.path), "checkpoint_sha256": pb.fingerprint, "arch": pb.arch, "epoch": pb.epoch,
-        "image_size": pb.image_size, "small_images": pb.small_images, "data": pair.root,
+        "checkpoint": str(pb.path.resolve()), "checkpoint_sha256": pb.fingerprint, "arch": pb.arch,
+        "epoch": pb.epoch, "image_size": pb.image_size, "small_images": pb.small_images, "data": pair.root,
         "num_classes": len(pair.classes), "num_train": len(pair.train), "num_val": len(pair.val),
         "feature_dim": int(train_f.shape[1]),
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},

@@ -28,8 +28,8 @@ from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError, atomic_save
 from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
-from moco_transfer.progress import progress
 from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
+from moco_transfer.progress import progress
 
 from .common import backbone_features
 from .report import save_curve
@@ -349,7 +349,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         "protocol": {"faithful": "MoCo linear classification (frozen backbone, SGD, step schedule, augmented)",
                      "cached": "linear classifier on cached center-crop features (SGD, same schedule)",
                      "lbfgs": "L2-regularised logistic regression (L-BFGS), C chosen on held-out train"}[cfg.mode],
-        "mode": cfg.mode, "checkpoint": str(pb.path), "checkpoint_sha256": pb.fingerprint, "arch": pb.arch,
+        "mode": cfg.mode, "checkpoint": str(pb.path.resolve()), "checkpoint_sha256": pb.fingerprint, "arch": pb.arch,
         "epoch": pb.epoch, "image_size": pb.image_size, "small_images": pb.small_images, "data": pair.root,
         "num_classes": num_classes, "num_train": len(pair.train), "num_val": len(pair.val),
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
