@@ -37,8 +37,9 @@ VOC_FAMILY = {"AP50": "VOC AP50", "AP": "VOC AP", "AP75": "VOC AP75"}
 SWITCHES = (("MLP", "mlp"), ("aug+", "aug_plus"), ("cos", "cos"), ("T", "moco_t"), ("epochs", "epochs"),
             ("batch", "batch_size"))
 # Config fields that say how a run was executed or monitored, not what was trained: ignored when pooling seeds.
+# Any other field (including ones added later) separates recipes, so pooling errs on the side of not merging.
 RUN_ONLY = frozenset({"seed", "output", "workers", "device", "amp", "channels_last", "knn_every", "knn_data",
-                      "knn_k", "knn_t", "keep_every", "print_baseline"})
+                      "knn_k", "knn_t", "keep_every", "print_baseline", "data_pipeline", "log_every"})
 GROUP_BY = ("checkpoint", "recipe")
 DEFAULT_KNN_K = 200
 DASH = "–"
