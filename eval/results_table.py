@@ -46,6 +46,7 @@ DASH = "–"
 RESULT_KINDS = ("pretraining run folders (log.jsonl or pretrain.json), linear.json (moco eval linear), "
                 "knn.json (moco eval knn), VOC run folders (summary.json / run.json + trial_<k>/metrics.json)")
 TRIAL_DIR = re.compile(r"trial_(\d+)")
+SUPERSEDED_DIR = "superseded"  # where `moco eval voc` moves the trials of an earlier checkpoint or config
 SOURCE_TEXT = {
     "linear top-1": "`moco eval linear`, top-1 (%) of the final epoch",
     "kNN top-1/eval knn": "`moco eval knn`, weighted kNN top-1 (%)",
@@ -347,7 +348,10 @@ def collect(paths: Sequence[str | os.PathLike], knn_ks: Sequence[int] = (DEFAULT
             dirnames.sort()
             kinds = _folder_kinds(set(filenames), dirnames)
             if "voc" in kinds:  # its trial folders hold detectron2 files, not results of their own
-                dirnames[:] = [d for d in dirnames if not TRIAL_DIR.fullmatch(d)]
+                if SUPERSEDED_DIR in dirnames:
+                    skipped.append(f"{Path(dirpath) / SUPERSEDED_DIR}: superseded VOC trials, not reported "
+                                   "(name the folder itself to see them)")
+                dirnames[:] = [d for d in dirnames if not TRIAL_DIR.fullmatch(d) and d != SUPERSEDED_DIR]
             for kind in kinds:
                 read(Path(dirpath), kind)
     if not found:

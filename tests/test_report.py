@@ -14,7 +14,7 @@ from PIL import Image
 
 from moco_transfer.cli import main
 from moco_transfer.eval.results_table import Cell, ReportError, build_report, format_cell
-from moco_transfer.eval.voc_trials import check_run, summarize, trial_dir, write_metrics
+from moco_transfer.eval.voc_trials import summarize, trial_dir, write_metrics
 from moco_transfer.fileio import sha256_file
 from moco_transfer.pretrain.config import PretrainConfig, save_resolved
 
@@ -75,8 +75,10 @@ def write_knn(folder: Path, ckpt: Path, top1: dict[int, float], data: str = DIGI
 
 
 def write_voc(folder: Path, ckpt: Path, trials: list[tuple[float, float, float]], requested: int) -> None:
-    """A VOC run folder through the real bookkeeping (voc_trials): run.json, trial_<k>/metrics.json, summary."""
-    check_run(folder, {"checkpoint_sha256": sha256_file(ckpt), "config_sha256": "c0ffee" * 10})
+    """A VOC run folder: run.json (the fingerprint `moco eval voc` pins), then the real trial bookkeeping."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"version": 2, "checkpoint_sha256": sha256_file(ckpt),
+                                                 "config_sha256": "c0ffee" * 10, "config": {}}))
     for k, (ap50, ap, ap75) in enumerate(trials):
         write_metrics(trial_dir(folder, k), {"AP50": ap50, "AP": ap, "AP75": ap75}, seed=k)
     summarize(folder, requested, {"checkpoint": "relative/ck.pth.tar", "weights": "w.pkl",
@@ -180,6 +182,8 @@ def test_voc_trials_give_mean_std_and_count(tmp_path: Path) -> None:
     write_voc(tmp_path / "voc" / "a", a, full, requested=5)
     write_voc(tmp_path / "voc" / "b", b, full[:3], requested=5)
     (tmp_path / "voc" / "a" / "trial_0" / "last_checkpoint").write_text("x")  # detectron2 files are not results
+    # trials `moco eval voc` moved aside (another checkpoint or config) are not reported, and the notes say so
+    write_voc(tmp_path / "voc" / "a" / "superseded" / "20240101-000000", b, [(10.0, 5.0, 6.0)], requested=5)
     headers, rows = parse(build_report([tmp_path]).markdown)
     ra, rb = row_of(rows, "runs/a/"), row_of(rows, "runs/b/")
     for i, family in enumerate(("VOC AP50", "VOC AP", "VOC AP75")):
@@ -191,6 +195,9 @@ def test_voc_trials_give_mean_std_and_count(tmp_path: Path) -> None:
     _, rows = parse(report.markdown)
     assert len(rows) == 2 and all("(sha256 " in r["checkpoint"] and r["MLP"] == "–" for r in rows)
     assert "config voc_R_50_C4_24k_moco.yaml, opts none, config sha256 c0ffeec0ffee" in report.markdown
+    assert "superseded: superseded VOC trials, not reported" in report.markdown
+    _, rows = parse(build_report([tmp_path / "voc" / "a" / "superseded"]).markdown)  # asked for by name
+    assert len(rows) == 1 and rows[0]["VOC AP50"] == "10.0 (n=1 of 5)"
 
 
 def test_group_by_recipe_pools_seeds(tmp_path: Path) -> None:
