@@ -1,10 +1,17 @@
 """Bookkeeping of repeated VOC fine-tuning trials: folders, seeds, states, metrics, the summary. No detectron2.
 
 Layout of an output folder:
-  run.json              what the trials were run with (checkpoint and config fingerprints), checked on re-runs
+  run.json              what the trials were run with (checkpoint and training-target fingerprints, the target
+                        config itself), checked on re-runs; also the memory pre-flight, the projected time, the
+                        line of every finished trial and one history entry per invocation
   trial_<k>/            detectron2's OUTPUT_DIR of trial k (seed = base seed + k); `last_checkpoint` while running
+  trial_<k>/progress.json  iteration, timed s/iter and peak memory, rewritten by the trial while it trains
+  trial_<k>/oom_rank<r>.json  written by rank r when it ran out of GPU memory
   trial_<k>/metrics.json  written once the trial's evaluation is done: the trial is finished
   summary.json, summary.md  per-trial AP/AP50/AP75 with mean and sample std, rewritten after every trial
+
+Only the process that runs a trial writes in its trial folder, and only the parent `moco eval voc` process
+writes run.json and the summaries, so trials running side by side never write the same file.
 """
 
 from __future__ import annotations
@@ -12,18 +19,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from moco_transfer.fileio import atomic_open
 
+from .voc_schedule import Projection
+
 METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.json"
+OOM_GLOB = "oom_rank*.json"
 RUN_FILE = "run.json"
+RUN_VERSION = 2
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
+SUPERSEDED = "superseded"
 METRIC_KEYS = ("AP", "AP50", "AP75")
+TRIAL_NAME = re.compile(r"trial_(\d+)")
 
 
 class TrialState(str, Enum):
@@ -100,7 +120,8 @@ def summarize(out_dir: str | os.PathLike, trials: int, info: dict[str, Any] | No
     for k in range(trials):
         m = read_metrics(trial_dir(out_dir, k))
         if m is not None:
-            rows.append({"trial": k, "seed": m.get("seed"), **{key: m[key] for key in METRIC_KEYS}})
+            rows.append({"trial": k, "seed": m.get("seed"), **{key: m[key] for key in METRIC_KEYS},
+                         "precision": precision_of(m)})
     mean: dict[str, float | None] = {}
     std: dict[str, float | None] = {}
     for key in METRIC_KEYS:
@@ -120,31 +141,270 @@ def _fmt(x: float | None) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [f"VOC07 test detection, {summary['trials_finished']} of {summary['trials_requested']} trials finished",
-             "", "| trial | seed | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
+             "", "| trial | seed | AP | AP50 | AP75 | precision |", "|---|---|---|---|---|---|"]
     for r in summary["trials"]:
-        lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(_fmt(r[k]) for k in METRIC_KEYS) + " |")
-    lines.append("| mean | | " + " | ".join(_fmt(summary["mean"][k]) for k in METRIC_KEYS) + " |")
-    lines.append("| std | | " + " | ".join(_fmt(summary["std"][k]) for k in METRIC_KEYS) + " |")
+        lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(_fmt(r[k]) for k in METRIC_KEYS)
+                     + f" | {r.get('precision') or '-'} |")
+    lines.append("| mean | | " + " | ".join(_fmt(summary["mean"][k]) for k in METRIC_KEYS) + " | |")
+    lines.append("| std | | " + " | ".join(_fmt(summary["std"][k]) for k in METRIC_KEYS) + " | |")
     lines.append("")
     lines.append("std is the sample standard deviation over finished trials.")
     return "\n".join(lines) + "\n"
 
 
-def check_run(out_dir: str | os.PathLike, fingerprint: dict[str, str], record: bool = True) -> bool:
-    """Verify `fingerprint` matches what the folder's trials were run with; True if the folder had one.
+def precision_of(metrics: dict[str, Any]) -> str | None:
+    """fp32, amp, or e.g. "fp32 to it. 1200, then amp" for a trial resumed in another precision; None if unknown."""
+    segments = metrics.get("segments")
+    if not isinstance(segments, list) or not segments:
+        amp = metrics.get("amp")
+        return None if amp is None else ("amp" if amp else "fp32")
+    names = [("amp" if seg.get("amp") else "fp32", seg.get("start_iter")) for seg in segments]
+    merged = [names[0]]
+    for name, start in names[1:]:
+        if name != merged[-1][0]:
+            merged.append((name, start))
+    if len(merged) == 1:
+        return merged[0][0]
+    return ", then ".join(f"{n} from it. {st}" if i else n for i, (n, st) in enumerate(merged))
 
-    With `record`, a folder without run.json gets one. Re-running with more trials is fine; a different
-    checkpoint or configuration would mix incomparable trials in one summary, so it is an error naming what
-    differs.
-    """
+
+def format_trial_line(k: int, trials: int, m: dict[str, Any]) -> str:
+    """The line printed (and kept in run.json) when a trial finishes."""
+    vals = " ".join(f"{key} {'-' if m.get(key) is None else format(m[key], '.2f')}" for key in ("AP50", "AP", "AP75"))
+    prec = precision_of(m)
+    return f"trial {k + 1}/{trials} (seed {m.get('seed')}): {vals}" + (f" [{prec}]" if prec else "")
+
+
+# --- the run record ------------------------------------------------------------------------------------------
+
+
+def read_run(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(out_dir) / RUN_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if differ:
-            raise RunMismatch(f"output folder {out_dir} holds trials run with a different {', '.join(differ)} "
-                              f"(see {path}); choose another output folder or remove it")
-        return True
-    if record:
-        write_json_atomic(fingerprint, path)
-    return False
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise RunMismatch(f"{path} is not valid JSON ({exc}); move it away to start this folder afresh") from None
+    return record if isinstance(record, dict) else {}
+
+
+def update_run(out_dir: str | os.PathLike, **sections: Any) -> dict[str, Any]:
+    """Read run.json, set the given top-level sections, write it back atomically (parent process only)."""
+    record = read_run(out_dir) or {}
+    record.update(sections)
+    write_json_atomic(record, Path(out_dir) / RUN_FILE)
+    return record
+
+
+def folder_progress(out_dir: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """Indices of the finished and of the interrupted (checkpointed) trials in an output folder."""
+    finished, interrupted = [], []
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return finished, interrupted
+    for p in sorted(out_dir.iterdir()):
+        m = TRIAL_NAME.fullmatch(p.name)
+        if m and p.is_dir():
+            state = trial_state(p)
+            if state is TrialState.FINISHED:
+                finished.append(int(m.group(1)))
+            elif state is TrialState.INTERRUPTED:
+                interrupted.append(int(m.group(1)))
+    return sorted(finished), sorted(interrupted)
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
+    """What differs between the recorded fingerprint and this run's, as phrases for a message (empty: same).
+
+    Records of version 2 hold the training-target config itself, so the differing keys are named. An older
+    record (no version) hashed the whole config; it is compared against `legacy_config_sha256`.
+    """
+    out = []
+    if old.get("checkpoint_sha256") != new.get("checkpoint_sha256"):
+        out.append(f"checkpoint (sha256 {str(old.get('checkpoint_sha256'))[:12]} -> "
+                   f"{str(new.get('checkpoint_sha256'))[:12]})")
+    if old.get("version") is None:
+        if old.get("config_sha256") != new.get("legacy_config_sha256"):
+            out.append("config (recorded by an earlier version as config_sha256 "
+                       f"{str(old.get('config_sha256'))[:12]})")
+        return out
+    if old.get("config_sha256") == new.get("config_sha256"):
+        return out
+    a, b = old.get("config") or {}, new.get("config") or {}
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = [f"{k} {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in keys[:limit]]
+    if len(keys) > limit:
+        shown.append(f"and {len(keys) - limit} more")
+    out.append("config: " + ", ".join(shown) if shown else "config (config_sha256 differs)")
+    return out
+
+
+@dataclass
+class RunCheck:
+    """How this invocation relates to what the output folder holds."""
+
+    recorded: bool  # the folder has a run.json
+    differences: list[str] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
+    interrupted: list[int] = field(default_factory=list)
+    same_checkpoint: bool = False
+
+    @property
+    def has_progress(self) -> bool:
+        return bool(self.finished or self.interrupted)
+
+
+def inspect_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> RunCheck:
+    """Compare `fingerprint` with the folder's run.json and list its finished and interrupted trials."""
+    old = read_run(out_dir)
+    finished, interrupted = folder_progress(out_dir)
+    if old is None:
+        return RunCheck(False, [], finished, interrupted, False)
+    return RunCheck(True, fingerprint_differences(old, fingerprint), finished, interrupted,
+                    old.get("checkpoint_sha256") == fingerprint.get("checkpoint_sha256"))
+
+
+def mismatch_message(out_dir: str | os.PathLike, check: RunCheck) -> str:
+    parts = []
+    if check.finished:
+        parts.append(f"{len(check.finished)} finished trial(s) ({', '.join(map(str, check.finished))})")
+    if check.interrupted:
+        parts.append(f"{len(check.interrupted)} interrupted trial(s) with a checkpoint "
+                     f"({', '.join(map(str, check.interrupted))})")
+    return (f"output folder {out_dir} holds {' and '.join(parts)} run with a different "
+            + "; ".join(check.differences)
+            + ". They cannot be resumed or averaged with this run's: choose another --output, or add --fresh to move "
+              f"them to {Path(out_dir) / SUPERSEDED}/<time>/ and start over here. (Precision, GPU count, "
+              "--parallel-trials, data-loader workers and checkpoint period may change between runs.)")
+
+
+def supersede(out_dir: str | os.PathLike, keep: Sequence[str] = ()) -> Path | None:
+    """Move the folder's trials, summaries and run.json to superseded/<UTC time>/; returns it (None: nothing)."""
+    out_dir = Path(out_dir)
+    names = [p.name for p in sorted(out_dir.iterdir()) if p.name not in keep and p.name != SUPERSEDED
+             and (TRIAL_NAME.fullmatch(p.name) or p.name in (RUN_FILE, SUMMARY_JSON, SUMMARY_MD))]
+    if not names:
+        return None
+    target = out_dir / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    n = 1
+    while target.exists():
+        target = target.with_name(target.name.split("+")[0] + f"+{n}")
+        n += 1
+    target.mkdir(parents=True)
+    for name in names:
+        shutil.move(str(out_dir / name), str(target / name))
+    return target
+
+
+def read_progress(folder: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        d = json.loads((Path(folder) / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def read_oom(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The out-of-memory record of a trial's rank that failed first (lowest iteration), if any."""
+    records = []
+    for path in sorted(Path(folder).glob(OOM_GLOB)):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    records = [r for r in records if isinstance(r, dict)]
+    return min(records, key=lambda r: (r.get("iteration") or 0, r.get("rank") or 0)) if records else None
+
+
+def clear_trial_records(folder: str | os.PathLike) -> None:
+    """Remove a trial's progress and out-of-memory records before it (re)starts (parent, trial not running)."""
+    folder = Path(folder)
+    for path in [folder / PROGRESS_FILE, *folder.glob(OOM_GLOB)]:
+        path.unlink(missing_ok=True)
+
+
+# --- the parent's bookkeeping while trials run ---------------------------------------------------------------
+
+
+class RunBook:
+    """The parent's view of a run: writes run.json and the summaries, prints trial lines and the projection.
+
+    Thread-safe: a monitor thread polls the running trials' progress.json while the main thread waits on them.
+    """
+
+    def __init__(self, out_dir: Path, trials: int, info: dict[str, Any], echo: Callable[[str], None],
+                 parallel: int = 1) -> None:
+        self.out_dir, self.trials, self.info, self.echo, self.parallel = Path(out_dir), trials, info, echo, parallel
+        self.lock = threading.Lock()
+        self.plan: list[tuple[int, int]] = []  # (trial, remaining iterations) in run order
+        self.running: set[int] = set()
+        self.projection: Projection | None = None
+
+    def summarize(self) -> dict[str, Any]:
+        with self.lock:
+            return summarize(self.out_dir, self.trials, self.info)
+
+    def started(self, k: int) -> None:
+        with self.lock:
+            self.running.add(k)
+
+    def finished(self, k: int) -> dict[str, Any] | None:
+        """Book a trial whose process ended: its line if it has metrics, and the summaries. Returns the metrics."""
+        with self.lock:
+            self.running.discard(k)
+            m = read_metrics(trial_dir(self.out_dir, k))
+            if m is None:
+                return None
+            line = format_trial_line(k, self.trials, m)
+            record = read_run(self.out_dir) or {}
+            lines = dict(record.get("trial_lines") or {})
+            lines[str(k)] = {"line": line, **{key: m.get(key) for key in ("seed", *METRIC_KEYS)},
+                             "precision": precision_of(m), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                       time.gmtime())}
+            update_run(self.out_dir, trial_lines=lines)
+            summarize(self.out_dir, self.trials, self.info)
+        self.echo(f"{line} -> {self.out_dir / SUMMARY_MD}")
+        return m
+
+    def poll(self) -> None:
+        """Make the projection once a running trial has timed its iterations after warm-up."""
+        with self.lock:
+            if self.projection is not None or not self.plan:
+                return
+            for k in sorted(self.running):
+                p = read_progress(trial_dir(self.out_dir, k))
+                if p and p.get("s_per_iter"):
+                    window = tuple(p.get("window") or (0, 0))
+                    self.projection = Projection(float(p["s_per_iter"]), [n for _, n in self.plan],
+                                                 min(self.parallel, len(self.plan)), k, window)
+                    update_run(self.out_dir, projection=self.projection.to_json())
+                    break
+            else:
+                return
+        self.echo(self.projection.line())
+
+
+class Monitor:
+    """Calls `book.poll()` every `every_s` seconds in a daemon thread while the `with` block runs."""
+
+    def __init__(self, book: RunBook, every_s: float = 2.0) -> None:
+        self.book, self.every_s = book, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="voc-monitor", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.book.poll()
+            except (OSError, ValueError):  # a file caught mid-replace on a slow filesystem: try again next tick
+                continue
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.book.poll()

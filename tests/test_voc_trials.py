@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 
 import pytest
 
 from moco_transfer.eval.gpu_scaling import scale_to_gpus
 from moco_transfer.eval.voc_layout import VocLayoutError, check_voc_root, our_name, voc_names
 from moco_transfer.eval.voc_trials import (
+    RUN_VERSION,
+    Monitor,
+    RunBook,
     RunMismatch,
     TrialState,
-    check_run,
+    clear_trial_records,
+    fingerprint_differences,
+    format_trial_line,
+    inspect_run,
+    mismatch_message,
+    precision_of,
     read_metrics,
+    read_oom,
+    read_run,
     summarize,
+    supersede,
     trial_dir,
     trial_seed,
     trial_state,
+    update_run,
+    write_json_atomic,
     write_metrics,
 )
 
@@ -49,7 +63,7 @@ def test_summary_mean_std_and_markdown(tmp_path):
     assert summary["mean"]["AP"] == pytest.approx(statistics.fmean([55.0, 56.0, 57.5]))
     assert summary["std"]["AP75"] == pytest.approx(statistics.stdev([61.0, 62.0, 64.0]))
     md = (tmp_path / "summary.md").read_text()
-    assert "| 1 | 1 | 56.00 | 82.00 | 62.00 |" in md
+    assert "| 1 | 1 | 56.00 | 82.00 | 62.00 | - |" in md  # precision unknown: recorded by an older version
     assert f"| mean | | {summary['mean']['AP']:.2f} |" in md
     assert "3 of 5 trials finished" in md
 
@@ -69,13 +83,109 @@ def test_metrics_must_hold_all_keys(tmp_path):
     assert read_metrics(tmp_path) is None
 
 
-def test_run_fingerprint_guards_the_folder(tmp_path):
-    fp = {"checkpoint_sha256": "aa", "config_sha256": "bb"}
-    assert check_run(tmp_path, fp, record=False) is False and not (tmp_path / "run.json").exists()
-    assert check_run(tmp_path, fp) is False and (tmp_path / "run.json").is_file()
-    assert check_run(tmp_path, dict(fp)) is True  # same run: fine
-    with pytest.raises(RunMismatch, match="config_sha256"):
-        check_run(tmp_path, {"checkpoint_sha256": "aa", "config_sha256": "cc"})
+def _fp(ckpt="aa", **config):
+    cfg = {"SOLVER.BASE_LR": 0.02, "SOLVER.IMS_PER_BATCH": 16, "INPUT.MIN_SIZE_TRAIN": [480, 800]} | config
+    return {"version": RUN_VERSION, "checkpoint_sha256": ckpt, "config_sha256": str(sorted(cfg.items())),
+            "legacy_config_sha256": "legacy", "config": cfg}
+
+
+def test_run_fingerprint_names_what_differs(tmp_path):
+    assert inspect_run(tmp_path, _fp()).recorded is False
+    update_run(tmp_path, **_fp())
+    check = inspect_run(tmp_path, _fp())
+    assert check.recorded and check.same_checkpoint and check.differences == [] and not check.has_progress
+    diff = fingerprint_differences(_fp(), _fp(**{"SOLVER.BASE_LR": 0.01, "SOLVER.IMS_PER_BATCH": 8}))
+    assert diff == ["config: SOLVER.BASE_LR 0.02 -> 0.01, SOLVER.IMS_PER_BATCH 16 -> 8"]
+    diff = fingerprint_differences(_fp(), _fp(ckpt="bb", **{"NEW.KEY": 1}))
+    assert diff[0] == "checkpoint (sha256 aa -> bb)" and diff[1] == "config: NEW.KEY (absent) -> 1"
+    many = fingerprint_differences(_fp(), _fp(**{f"K{i}": i for i in range(10)}), limit=3)
+    assert many[0].endswith("K1 (absent) -> 1, K2 (absent) -> 2, and 7 more")
+    # a record written before version 2 is compared with the legacy hash of the whole config
+    legacy = {"checkpoint_sha256": "aa", "config_sha256": "legacy"}
+    assert fingerprint_differences(legacy, _fp()) == []
+    assert "recorded by an earlier version" in fingerprint_differences(legacy | {"config_sha256": "x"}, _fp())[0]
+
+
+def test_run_mismatch_counts_the_trials_at_stake(tmp_path):
+    update_run(tmp_path, **_fp())
+    write_metrics(trial_dir(tmp_path, 0), {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, seed=0)
+    trial_dir(tmp_path, 1).mkdir()
+    (trial_dir(tmp_path, 1) / "last_checkpoint").write_text("model_0000999.pth")
+    trial_dir(tmp_path, 2).mkdir()  # no checkpoint: nothing at stake
+    check = inspect_run(tmp_path, _fp(**{"SOLVER.BASE_LR": 0.01}))
+    assert check.finished == [0] and check.interrupted == [1] and check.has_progress
+    msg = mismatch_message(tmp_path, check)
+    assert "1 finished trial(s) (0) and 1 interrupted trial(s) with a checkpoint (1)" in msg
+    assert "SOLVER.BASE_LR 0.02 -> 0.01" in msg and "--fresh" in msg and "another --output" in msg
+    (tmp_path / "run.json").write_text("{oops")
+    with pytest.raises(RunMismatch, match="not valid JSON"):
+        inspect_run(tmp_path, _fp())
+
+
+def test_supersede_moves_trials_and_records_only(tmp_path):
+    assert supersede(tmp_path) is None
+    update_run(tmp_path, **_fp())
+    write_metrics(trial_dir(tmp_path, 0), {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, seed=0)
+    summarize(tmp_path, 1)
+    (tmp_path / "backbone_d2.pkl").write_bytes(b"weights")
+    moved = supersede(tmp_path)
+    assert sorted(p.name for p in moved.iterdir()) == ["run.json", "summary.json", "summary.md", "trial_0"]
+    assert moved.parent == tmp_path / "superseded"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone_d2.pkl", "superseded"]
+    update_run(tmp_path, **_fp())
+    assert supersede(tmp_path) != moved  # a second one in the same second gets its own folder
+
+
+def test_precision_of_resumed_trials_and_trial_lines():
+    assert precision_of({}) is None and precision_of({"amp": True}) == "amp"
+    segs = [{"start_iter": 0, "amp": False}, {"start_iter": 1200, "amp": True}, {"start_iter": 5000, "amp": True}]
+    assert precision_of({"segments": segs}) == "fp32, then amp from it. 1200"
+    assert precision_of({"segments": segs[:1]}) == "fp32"
+    m = {"AP": 57.0, "AP50": 82.41, "AP75": None, "seed": 3, "segments": segs[1:]}
+    assert format_trial_line(3, 5, m) == "trial 4/5 (seed 3): AP50 82.41 AP 57.00 AP75 - [amp]"
+
+
+def test_oom_records_and_their_cleanup(tmp_path):
+    assert read_oom(tmp_path) is None
+    write_json_atomic({"rank": 1, "iteration": 14}, tmp_path / "oom_rank1.json")
+    write_json_atomic({"rank": 0, "iteration": 15}, tmp_path / "oom_rank0.json")
+    assert read_oom(tmp_path)["rank"] == 1  # the rank that failed first
+    write_json_atomic({"iteration": 3}, tmp_path / "progress.json")
+    clear_trial_records(tmp_path)
+    assert read_oom(tmp_path) is None and not (tmp_path / "progress.json").exists()
+
+
+def test_runbook_books_trials_and_projects_once(tmp_path):
+    lines = []
+    update_run(tmp_path, **_fp())
+    book = RunBook(tmp_path, trials=3, info={"config": "c"}, echo=lines.append, parallel=2)
+    book.plan = [(0, 100), (1, 100), (2, 40)]
+    book.started(0)
+    book.started(1)
+    book.poll()  # no progress yet
+    assert book.projection is None and lines == []
+    write_json_atomic({"iteration": 10, "start_iter": 0, "s_per_iter": None}, trial_dir(tmp_path, 1) / "progress.json")
+    book.poll()
+    assert book.projection is None
+    write_json_atomic({"iteration": 40, "start_iter": 0, "s_per_iter": 0.5, "window": [20, 40]},
+                      trial_dir(tmp_path, 1) / "progress.json")
+    with Monitor(book, every_s=0.05):
+        time.sleep(0.3)
+    assert len(lines) == 1 and lines[0].startswith("projected training time: 3 trials, 240 iterations left x 0.500 "
+                                                   "s/iter / 2 in parallel = 1.2 min")  # 100 | 100 then 40: 70 s
+    run = read_run(tmp_path)
+    assert run["projection"]["seconds"] == pytest.approx(70.0) and run["projection"]["trial"] == 1
+    assert run["config_sha256"] == _fp()["config_sha256"]  # the fingerprint is kept
+    assert book.finished(0) is None  # ended without metrics: nothing booked
+    write_metrics(trial_dir(tmp_path, 1), {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}, seed=1, amp=True)
+    m = book.finished(1)
+    assert m["AP50"] == 80.0
+    assert lines[-1] == f"trial 2/3 (seed 1): AP50 80.00 AP 50.00 AP75 55.00 [amp] -> {tmp_path / 'summary.md'}"
+    run = read_run(tmp_path)
+    assert run["trial_lines"]["1"]["line"].startswith("trial 2/3 (seed 1): AP50 80.00") and run["projection"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trials_finished"] == 1 and summary["trials"][0]["precision"] == "amp"
+    assert "| 1 | 1 | 50.00 | 80.00 | 55.00 | amp |" in (tmp_path / "summary.md").read_text()
 
 
 def test_voc_layout_ok_and_names(tmp_path):
