@@ -252,7 +252,14 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
 @click.option("--output", "output", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Run folder (trials, summary); default runs/voc/<checkpoint name>.")
 @click.option("--trials", default=5, show_default=True, type=int, help="Independent fine-tuning runs (seeds differ).")
-@click.option("--gpus", default=None, type=int, help="GPUs per trial (0 = CPU); default: all visible, else CPU.")
+@click.option("--gpus", default=None, type=int,
+              help="GPUs of the run (0 = CPU), split between --parallel-trials; default: all visible, else CPU.")
+@click.option("--parallel-trials", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Trials at once, each on gpus/parallel-trials GPUs in its own process (see docs/voc.md).")
+@click.option("--amp", is_flag=True,
+              help="fp16 mixed precision (detectron2's AMP trainer): the protocol's 16 images on fewer GPUs.")
+@click.option("--fresh", is_flag=True,
+              help="Move the output folder's earlier trials to superseded/<time>/ and start over.")
 @click.option("--config", default="voc_R_50_C4_24k_moco.yaml", show_default=True,
               help="A shipped config name (see docs/voc.md) or a path to a detectron2 YAML file.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Base seed; trial k uses seed+k.")
@@ -261,8 +268,9 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
 @click.option("--max-ims-per-gpu", default=4, show_default=True, type=int,
               help="With --scale-to-gpus: images per GPU that fit in memory; keeps 16 per batch when they fit.")
 @click.argument("opts", nargs=-1, type=click.UNPROCESSED, metavar="[--opts KEY VALUE ...]")
-def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gpus: int | None, config: str,
-             seed: int, scale_to_gpus: bool, max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
+def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gpus: int | None,
+             parallel_trials: int, amp: bool, fresh: bool, config: str, seed: int, scale_to_gpus: bool,
+             max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
     """Fine-tune CHECKPOINT (MoCo checkpoint or detectron2 .pkl) on VOC07+12, test on VOC07; N trials, summary.
 
     Re-running the same command skips finished trials and resumes an interrupted one. Put detectron2 config
@@ -270,7 +278,7 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
     """
     from pathlib import Path
 
-    from moco_transfer.eval.voc import SETUP_ERRORS, VocOptions, run_voc
+    from moco_transfer.eval.voc import REPORTED_ERRORS, VocOptions, run_voc
 
     if opts and opts[0] != "--opts":
         raise click.UsageError(f"unexpected arguments {' '.join(opts)}; detectron2 overrides go after --opts")
@@ -283,10 +291,10 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
         output=Path(output) if output else Path("runs") / "voc" / ckpt.name.split(".")[0],
         trials=trials, gpus=gpus, config=config,
         opts=[o for o in opts if o != "--opts"], seed=seed, scale_to_gpus=scale_to_gpus,
-        max_ims_per_gpu=max_ims_per_gpu)
+        max_ims_per_gpu=max_ims_per_gpu, amp=amp, parallel_trials=parallel_trials, fresh=fresh)
     try:
         summary = run_voc(options, echo=click.echo)
-    except SETUP_ERRORS as exc:
+    except REPORTED_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     mean, std = summary["mean"], summary["std"]
     click.echo(f"{summary['trials_finished']} trials: " + ", ".join(

@@ -1,21 +1,26 @@
 """`moco eval voc`: fine-tune a MoCo backbone on PASCAL VOC07+12 with detectron2, N trials, and summarise.
 
 Everything that can fail is checked before the first iteration: detectron2 importable, the config valid, the
-VOC folders complete, the GPUs present, and the converted backbone loading into every backbone and res5 tensor
-of the built model (no silent partial load). Trials run one after another, each through detectron2's
-`launch` (one process per GPU, or in this process on CPU / one GPU), each in `trial_<k>/` with seed base+k.
-A finished trial (metrics.json present) is skipped; an interrupted one resumes from its last checkpoint.
-Bookkeeping lives in `voc_trials`, the VOC layout in `voc_layout`, the GPU rule in `gpu_scaling`.
+VOC folders complete, the GPUs present, the converted backbone loading into every backbone and res5 tensor of the
+built model (no silent partial load), the output folder's earlier trials compatible, and, on GPUs, the memory:
+probe iterations at the largest input (`voc_probe`, decided by `voc_memory`). Each trial runs in `trial_<k>/`
+with seed base+k, through detectron2's `launch` (one process per GPU, or in this process on CPU / one GPU), one
+after another or, with --parallel-trials, several at once as subprocesses on their own GPU groups
+(`voc_schedule`). A finished trial (metrics.json present) is skipped; an interrupted one resumes from its last
+checkpoint. Bookkeeping lives in `voc_trials`, the trial process in `voc_train`, the VOC layout in `voc_layout`,
+the GPU rule in `gpu_scaling`.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import logging
+import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +34,39 @@ from moco_transfer.detectron2_ext import Detectron2Missing, register, require_de
 from moco_transfer.fileio import describe_key_mismatch, sha256_file
 
 from .gpu_scaling import Change, scale_to_gpus
-from .voc_layout import VOC_SPLITS, VocLayoutError, check_voc_root, our_name, voc_names
+from .voc_layout import VocLayoutError, check_voc_root, our_name
+from .voc_memory import MemoryPlan, TrialShape, plan_memory
+from .voc_schedule import (
+    PoolJob,
+    child_env,
+    gpu_groups,
+    last_checkpoint_iteration,
+    remaining_iterations,
+    run_pool,
+    visible_devices,
+)
+from .voc_train import EXIT_OOM, TrialOutOfMemory, register_voc, run_trial
 from .voc_trials import (
+    RUN_VERSION,
+    Monitor,
+    RunBook,
     RunMismatch,
     TrialState,
-    check_run,
+    clear_trial_records,
+    inspect_run,
+    mismatch_message,
     read_metrics,
-    summarize,
+    read_oom,
+    read_progress,
+    read_run,
+    supersede,
     trial_dir,
     trial_seed,
     trial_state,
-    write_metrics,
+    update_run,
 )
+
+__all__ = ["REPORTED_ERRORS", "SETUP_ERRORS", "VocOptions", "preflight", "register_voc", "run_trial", "run_voc"]
 
 CONVERTED_NAME = "backbone_d2.pkl"
 IGNORED_WEIGHT_PREFIXES = ("stem.fc.",)  # the MoCo authors' converter leaves the projection head in as stem.fc.*
@@ -50,8 +76,21 @@ class VocSetupError(RuntimeError):
     """A problem found before training (config, GPUs, weights); the message says what to fix."""
 
 
+class VocOutOfMemory(RuntimeError):
+    """A trial does not fit in GPU memory (pre-flight) or ran out of it (training); the message lists options."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's process ended with an error other than out-of-memory; the message points at its log."""
+
+
 # Everything `moco eval voc` reports as a plain error message before training starts.
 SETUP_ERRORS = (Detectron2Missing, VocSetupError, VocLayoutError, RunMismatch)
+# ... and everything it reports as a plain message at all.
+REPORTED_ERRORS = (*SETUP_ERRORS, VocOutOfMemory, TrialFailed)
+# Config keys that do not change what a trial optimises: changing them keeps the resume of interrupted trials.
+EXECUTION_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.WEIGHTS", "MODEL.DEVICE", "SOLVER.AMP.ENABLED",
+                  "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD", "VIS_PERIOD", "CUDNN_BENCHMARK")
 
 
 @dataclass
@@ -67,6 +106,13 @@ class VocOptions:
     scale_to_gpus: bool = False
     max_ims_per_gpu: int = 4
     dist_url: str = "auto"
+    amp: bool = False
+    parallel_trials: int = 1
+    fresh: bool = False
+
+    @property
+    def gpus_per_trial(self) -> int:
+        return (self.gpus or 0) // max(1, self.parallel_trials)
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -87,19 +133,25 @@ def build_config(options: VocOptions, echo: Callable[[str], None] = print) -> An
         cfg.merge_from_file(str(path))
     except Exception as exc:
         raise VocSetupError(f"--config {path}: not a valid detectron2 config ({type(exc).__name__}: {exc})") from exc
+    per_trial = options.gpus_per_trial
     if options.scale_to_gpus:
         changes = scale_to_gpus(cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, tuple(cfg.SOLVER.STEPS),
-                                cfg.SOLVER.MAX_ITER, options.gpus or 0, options.max_ims_per_gpu)
+                                cfg.SOLVER.MAX_ITER, per_trial, options.max_ims_per_gpu)
         _apply_changes(cfg, changes)
-        devices = f"{options.gpus} GPU(s)" if options.gpus else "CPU"
+        devices = f"{per_trial} GPU(s) per trial" if per_trial else "CPU"
         echo(f"--scale-to-gpus ({devices}): " + ("; ".join(map(str, changes)) if changes else "no change needed"))
+    if options.amp:
+        cfg.SOLVER.AMP.ENABLED = True
     if len(options.opts) % 2:
         raise VocSetupError(f"--opts takes KEY VALUE pairs; got an odd count: {list(options.opts)}")
     try:
         cfg.merge_from_list(list(options.opts))
     except Exception as exc:
         raise VocSetupError(f"--opts {list(options.opts)}: {type(exc).__name__}: {exc}") from exc
-    cfg.MODEL.DEVICE = "cuda" if (options.gpus or 0) > 0 else "cpu"
+    cfg.MODEL.DEVICE = "cuda" if per_trial > 0 else "cpu"
+    if cfg.SOLVER.AMP.ENABLED and per_trial == 0:
+        raise VocSetupError("--amp (SOLVER.AMP.ENABLED) needs CUDA GPUs: detectron2's AMP trainer runs fp16 autocast "
+                            "on CUDA only; a CPU run trains in fp32 (drop --amp, or pass --gpus N)")
     cfg.DATASETS.TRAIN = tuple(our_name(n) for n in cfg.DATASETS.TRAIN)
     cfg.DATASETS.TEST = tuple(our_name(n) for n in cfg.DATASETS.TEST)
     if not cfg.DATASETS.TEST:
@@ -116,36 +168,36 @@ def _apply_changes(cfg: Any, changes: Sequence[Change]) -> None:
         setattr(node, leaf, ch.new)
 
 
-def _fingerprint_config(cfg: Any) -> str:
-    """Hash of the training-relevant config: not the output folder, seed, weights path or device."""
+def target_config(cfg: Any) -> dict[str, Any]:
+    """The config as flat KEY: value pairs, minus the EXECUTION_KEYS: what a trial optimises (JSON-normalised)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key in sorted(node):
+            name = f"{prefix}{key}"
+            if isinstance(node[key], dict):
+                walk(node[key], name + ".")
+            elif name not in EXECUTION_KEYS:
+                flat[name] = node[key]
+
+    walk(cfg, "")
+    return json.loads(json.dumps(flat, default=str))
+
+
+def _legacy_config_sha256(cfg: Any) -> str:
+    """The hash run.json held before version 2: the whole config but output folder, seed, weights and device."""
     c = cfg.clone()
     c.defrost()
     c.OUTPUT_DIR, c.SEED, c.MODEL.WEIGHTS, c.MODEL.DEVICE = "", -1, "", ""
     return hashlib.sha256(c.dump().encode()).hexdigest()
 
 
-# --- datasets -----------------------------------------------------------------------------------------------
-
-
-def register_voc(voc_root: str | os.PathLike, names: Sequence[str]) -> list[str]:
-    """Register `moco_<name>` for each builtin VOC name in `names`, rooted at `voc_root`; idempotent."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_pascal_voc
-
-    done = []
-    for name in voc_names(names):
-        folder, split, year = VOC_SPLITS[name]
-        ours, dirname = our_name(name), str((Path(voc_root) / folder).resolve())
-        if ours in DatasetCatalog.list():
-            if getattr(MetadataCatalog.get(ours), "dirname", None) == dirname:
-                done.append(ours)
-                continue
-            DatasetCatalog.remove(ours)
-            MetadataCatalog.remove(ours)
-        register_pascal_voc(ours, dirname, split, year)
-        MetadataCatalog.get(ours).evaluator_type = "pascal_voc"
-        done.append(ours)
-    return done
+def run_fingerprint(cfg: Any, checkpoint_sha256: str) -> dict[str, Any]:
+    """What run.json pins: the checkpoint and the training target; precision, GPUs and workers are free."""
+    target = target_config(cfg)
+    return {"version": RUN_VERSION, "checkpoint_sha256": checkpoint_sha256,
+            "config_sha256": hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest(),
+            "legacy_config_sha256": _legacy_config_sha256(cfg), "config": target}
 
 
 # --- weights ------------------------------------------------------------------------------------------------
@@ -212,96 +264,162 @@ def check_weights(cfg: Any, weights_path: Path, weights: dict[str, Any]) -> dict
     return {"backbone_tensors": len(expected), "weight_tensors": len(weights)}
 
 
-# --- one trial (runs in every worker process) ---------------------------------------------------------------
-
-
-def _trainer_class() -> type:
-    from detectron2.engine import DefaultTrainer
-    from detectron2.evaluation import PascalVOCDetectionEvaluator
-
-    class VocTrainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
-            return PascalVOCDetectionEvaluator(dataset_name)
-
-    return VocTrainer
-
-
-def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
-    """Train and evaluate one trial from its saved config; rank 0 writes metrics.json. Entry point of `launch`."""
-    from detectron2.config import get_cfg
-    from detectron2.utils import comm
-    from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.logger import setup_logger
-
-    register()
-    cfg = get_cfg()
-    cfg.merge_from_file(cfg_file)
-    cfg.freeze()
-    register_voc(voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    rank = comm.get_rank()
-    logger = setup_logger(distributed_rank=rank, name="detectron2")
-    setup_logger(distributed_rank=rank, name="fvcore")
-    handler = None
-    if rank == 0:
-        handler = logging.FileHandler(Path(cfg.OUTPUT_DIR) / "log.txt")
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-    try:
-        seed_all_rng(seed + rank)
-        trainer = _trainer_class()(cfg)
-        trainer.resume_or_load(resume=True)
-        start_iter = trainer.start_iter
-        trainer.train()
-        if hasattr(trainer, "_last_eval_results"):  # set by DefaultTrainer's EvalHook after the last iteration
-            results = trainer._last_eval_results
-        else:
-            results = trainer.test(cfg, trainer.model)
-        if comm.is_main_process():
-            write_metrics(cfg.OUTPUT_DIR, results["bbox"], seed, start_iter=start_iter, max_iter=cfg.SOLVER.MAX_ITER)
-        comm.synchronize()
-    finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            handler.close()
-        gc.collect()
-
-
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def preflight(options: VocOptions, echo: Callable[[str], None] = print) -> tuple[Any, Path, dict[str, str]]:
-    """All checks that need no training; returns the config, the weights file and the run fingerprint."""
+@dataclass
+class Prepared:
+    """What the pre-flight established for the trials."""
+
+    cfg: Any
+    weights_path: Path
+    fingerprint: dict[str, Any]
+    groups: list[list[str]]  # one device group per concurrently running trial ([] = CPU)
+    shape: TrialShape
+    memory: MemoryPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _trial_shape(cfg: Any, options: VocOptions, visible: int) -> TrialShape:
+    s = cfg.SOLVER
+    return TrialShape(int(s.IMS_PER_BATCH), float(s.BASE_LR), tuple(int(x) for x in s.STEPS), int(s.MAX_ITER),
+                      options.gpus_per_trial, bool(s.AMP.ENABLED), options.max_ims_per_gpu,
+                      options.parallel_trials, visible)
+
+
+def preflight(options: VocOptions, echo: Callable[[str], None] = print) -> Prepared:
+    """All checks that need no training; the output folder's run.json is (re)written only when all pass."""
     if options.gpus is None:
         options.gpus = torch.cuda.device_count()
     if options.trials < 1:
         raise VocSetupError(f"--trials must be at least 1, got {options.trials}")
     if options.gpus < 0:
         raise VocSetupError(f"--gpus must be >= 0 (0 = CPU), got {options.gpus}")
-    if options.gpus > 0 and options.gpus > torch.cuda.device_count():
-        raise VocSetupError(f"--gpus {options.gpus}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    visible = visible_devices(os.environ, torch.cuda.device_count())
+    try:
+        groups = gpu_groups(visible, options.gpus, options.parallel_trials)
+    except ValueError as exc:
+        raise VocSetupError(str(exc)) from None
     cfg = build_config(options, echo)
-    devices = max(1, options.gpus)
+    devices = max(1, options.gpus_per_trial)
     if cfg.SOLVER.IMS_PER_BATCH % devices:
-        raise VocSetupError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {devices} GPUs")
+        raise VocSetupError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {devices} GPUs "
+                            "per trial")
     counts = check_voc_root(options.voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     echo("VOC datasets: " + ", ".join(f"{our_name(n)} ({c} images)" for n, c in counts.items()))
     if not options.checkpoint.is_file():
         raise VocSetupError(f"checkpoint {options.checkpoint}: file not found")
     options.output.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"checkpoint_sha256": sha256_file(options.checkpoint), "config_sha256": _fingerprint_config(cfg)}
-    known = check_run(options.output, fingerprint, record=False)
+    fingerprint = run_fingerprint(cfg, sha256_file(options.checkpoint))
+    check = inspect_run(options.output, fingerprint)
+    if check.differences and check.has_progress and not options.fresh:
+        raise RunMismatch(mismatch_message(options.output, check))
     try:
-        weights_path, weights = prepare_weights(options.checkpoint, options.output, reuse=known, echo=echo)
+        weights_path, weights = prepare_weights(options.checkpoint, options.output,
+                                                reuse=check.recorded and check.same_checkpoint, echo=echo)
     except CheckpointError as exc:
         raise VocSetupError(str(exc)) from exc
     register_voc(options.voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     counts = check_weights(cfg, weights_path, weights)
     echo(f"weights {weights_path}: all {counts['backbone_tensors']} backbone/res5 tensors load into the model "
          f"(roi_heads.res5.norm, the head's extra norm layer, starts from its default init)")
-    check_run(options.output, fingerprint)  # recorded only once everything above passed
+    prep = Prepared(cfg, weights_path, fingerprint, groups, _trial_shape(cfg, options, len(visible)))
+    prep.memory = memory_preflight(prep, options, echo)
+    # recorded only once everything above passed
+    if options.fresh and (moved := supersede(options.output)) is not None:
+        echo(f"--fresh: earlier trials and records moved to {moved}")
+    elif check.differences:
+        echo(f"{options.output}: earlier settings differ ({'; '.join(check.differences)}) but no trial has a "
+             "checkpoint or result yet: recording this run's settings")
+    _record_run(options, prep, fresh=options.fresh or bool(check.differences))
     cfg.MODEL.WEIGHTS = str(weights_path.resolve())
-    return cfg, weights_path, fingerprint
+    return prep
+
+
+def _record_run(options: VocOptions, prep: Prepared, fresh: bool) -> None:
+    """run.json: the fingerprint, this invocation's execution settings and memory check, one history entry."""
+    old = {} if fresh else (read_run(options.output) or {})
+    execution = {"amp": bool(prep.cfg.SOLVER.AMP.ENABLED), "gpus": options.gpus,
+                 "gpus_per_trial": options.gpus_per_trial, "parallel_trials": options.parallel_trials,
+                 "ims_per_gpu": prep.shape.setting.ims_per_gpu,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    history = [*(old.get("history") or []), execution]
+    sections = {k: v for k, v in old.items() if k in ("trial_lines", "projection")}
+    record = {**prep.fingerprint, **sections, "execution": execution, "history": history,
+              "memory": prep.memory.to_json() if prep.memory else None}
+    if fresh:
+        (options.output / "run.json").unlink(missing_ok=True)
+    update_run(options.output, **record)
+
+
+def _probe_plan(prep: Prepared, options: VocOptions, echo: Callable[[str], None], failed_at: str | None = None,
+                failed_peak: int | None = None) -> MemoryPlan | None:
+    """Run `voc_probe` in a subprocess on the first GPU of the first group; None if it could not run."""
+    cfg_file = options.output / "probe_config.yaml"
+    cfg_file.write_text(prep.cfg.dump())
+    cmd = [sys.executable, "-m", "moco_transfer.eval.voc_probe", str(cfg_file), str(options.voc_root),
+           "--shape", json.dumps(asdict(prep.shape))]
+    if failed_at is not None:
+        cmd += ["--failed-at", failed_at] + ([] if failed_peak is None else ["--failed-peak", str(failed_peak)])
+    echo("memory pre-flight: probe iterations at the largest training size on GPU "
+         f"{prep.groups[0][0]} ...")
+    try:
+        proc = subprocess.run(cmd, env=child_env(os.environ, prep.groups[0][:1], 1), capture_output=True,
+                              text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        echo("warning: memory probe timed out after 30 min; continuing without it")
+        return None
+    finally:
+        cfg_file.unlink(missing_ok=True)
+    from .voc_probe import RESULT_MARK
+
+    result = next((json.loads(line[len(RESULT_MARK):]) for line in reversed(proc.stdout.splitlines())
+                   if line.startswith(RESULT_MARK)), None)
+    if result is None or "skipped" in result:
+        why = result["skipped"] if result else "\n".join((proc.stderr or "").strip().splitlines()[-8:])
+        echo(f"warning: memory probe could not run ({why}); continuing without it")
+        return None
+    return MemoryPlan.from_json(result)
+
+
+def memory_preflight(prep: Prepared, options: VocOptions, echo: Callable[[str], None]) -> MemoryPlan | None:
+    """On GPUs: does a trial fit? Raises VocOutOfMemory with the options that do. On CPU: skipped."""
+    if options.gpus_per_trial == 0:
+        echo("memory pre-flight: skipped on the CPU (it measures GPU memory)")
+        return None
+    plan = _probe_plan(prep, options, echo)
+    if plan is None:
+        return None
+    if not plan.fits:
+        raise VocOutOfMemory(plan.message())
+    echo(plan.summary_line())
+    return plan
+
+
+def out_of_memory_error(prep: Prepared, options: VocOptions, k: int, echo: Callable[[str], None]) -> VocOutOfMemory:
+    """The message for a trial that ran out of GPU memory while training: the same kind as the pre-flight's."""
+    folder = trial_dir(options.output, k)
+    rec = read_oom(folder) or {}
+    it, max_iter = rec.get("iteration"), int(prep.cfg.SOLVER.MAX_ITER)
+    where = (f"trial {k + 1} (seed {trial_seed(options.seed, k)}), "
+             + ("evaluation" if rec.get("phase") == "evaluation" else
+                f"iteration {'?' if it is None else it + 1} of {max_iter}"))
+    peak = rec.get("reserved_bytes")
+    plan = None
+    if options.gpus_per_trial > 0:
+        plan = _probe_plan(prep, options, echo, failed_at=where, failed_peak=peak)
+    if plan is None:
+        plan = plan_memory(prep.shape, rec.get("free_bytes"), rec.get("total_bytes"), None, failed_peak=peak,
+                           failed_at=where, device=rec.get("device") or "")
+    last = last_checkpoint_iteration(folder)
+    if last is None:
+        keep = (f"{folder} has no checkpoint yet (SOLVER.CHECKPOINT_PERIOD {prep.cfg.SOLVER.CHECKPOINT_PERIOD}): "
+                "a re-run starts this trial from the beginning, with any setting.")
+    else:
+        done = max_iter if last < 0 else last + 1
+        keep = (f"{folder} keeps its checkpoint after iteration {done}: a re-run with --amp or more GPUs resumes "
+                "it there; a schedule change (--scale-to-gpus) needs --fresh or another --output.")
+    return VocOutOfMemory(f"{plan.message()}\n{keep}")
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -309,13 +427,14 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 
 
 def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pre-flight, then every unfinished trial in order; the summary is rewritten after each one."""
-    cfg, weights_path, _ = preflight(options, echo)  # first: it reports a missing detectron2 with instructions
-    from detectron2.engine import launch
-
-    info = {"checkpoint": str(options.checkpoint), "weights": str(weights_path), "config": str(options.config),
+    """Pre-flight, then every unfinished trial (in order, or --parallel-trials at once); summary after each."""
+    prep = preflight(options, echo)  # first: it reports a missing detectron2 with instructions
+    cfg = prep.cfg
+    info = {"checkpoint": str(options.checkpoint), "weights": str(prep.weights_path), "config": str(options.config),
             "opts": list(options.opts)}
-    summary = summarize(options.output, options.trials, info)
+    book = RunBook(options.output, options.trials, info, echo, parallel=len(prep.groups))
+    summary = book.summarize()
+    todo: list[tuple[int, int, Path, TrialState]] = []
     for k in range(options.trials):
         folder = trial_dir(options.output, k)
         state = trial_state(folder)
@@ -328,15 +447,94 @@ def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[st
         tcfg = cfg.clone()
         tcfg.defrost()
         tcfg.OUTPUT_DIR, tcfg.SEED = str(folder.resolve()), seed
-        cfg_file = folder / "config.yaml"
-        cfg_file.write_text(tcfg.dump())
-        action = "resuming from its last checkpoint" if state is TrialState.INTERRUPTED else "starting"
-        echo(f"trial {k + 1}/{options.trials} (seed {seed}): {action} in {folder}")
-        launch(run_trial, max(1, options.gpus), dist_url=options.dist_url,
-               args=(str(cfg_file), str(options.voc_root), seed))
-        m = read_metrics(folder)
-        if m is None:
-            raise RuntimeError(f"trial {k} ended without {folder / 'metrics.json'}; see {folder / 'log.txt'}")
-        summary = summarize(options.output, options.trials, info)
-        echo(f"trial {k + 1}/{options.trials}: {_fmt_metrics(m)} -> {options.output / 'summary.md'}")
-    return summary
+        (folder / "config.yaml").write_text(tcfg.dump())
+        clear_trial_records(folder)
+        todo.append((k, seed, folder, state))
+    if not todo:
+        return summary
+    book.plan = [(k, remaining_iterations(folder, int(cfg.SOLVER.MAX_ITER))) for k, _, folder, _ in todo]
+    with Monitor(book):
+        if len(prep.groups) == 1:
+            _run_sequential(todo, prep, options, book, echo)
+        else:
+            _run_parallel(todo, prep, options, book, echo)
+    return book.summarize()
+
+
+def _action(k: int, seed: int, state: TrialState, folder: Path, trials: int) -> str:
+    action = "resuming from its last checkpoint" if state is TrialState.INTERRUPTED else "starting"
+    return f"trial {k + 1}/{trials} (seed {seed}): {action} in {folder}"
+
+
+def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
+                    book: RunBook, echo: Callable[[str], None]) -> None:
+    from detectron2.engine import launch
+
+    for k, seed, folder, state in todo:
+        echo(_action(k, seed, state, folder, options.trials))
+        book.started(k)
+        try:
+            launch(run_trial, max(1, options.gpus_per_trial), dist_url=options.dist_url,
+                   args=(str(folder / "config.yaml"), str(options.voc_root), seed))
+        except Exception as exc:
+            if isinstance(exc, TrialOutOfMemory) or read_oom(folder) is not None:
+                book.finished(k)
+                raise out_of_memory_error(prep, options, k, echo) from None
+            raise
+        if book.finished(k) is None:
+            raise TrialFailed(f"trial {k} ended without {folder / 'metrics.json'}; see {folder / 'log.txt'}")
+
+
+def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
+                  book: RunBook, echo: Callable[[str], None]) -> None:
+    """Each trial a `voc_train` subprocess on its GPU group; output in trial_<k>/console.log."""
+    from tqdm import tqdm
+
+    by_key = {k: (seed, folder, state) for k, seed, folder, state in todo}
+    left = dict(book.plan)
+    jobs = [PoolJob(k, [sys.executable, "-m", "moco_transfer.eval.voc_train", str(folder / "config.yaml"),
+                        str(options.voc_root), str(seed), "--gpus", str(options.gpus_per_trial), "--dist-url", "auto"],
+                    folder / "console.log") for k, seed, folder, _ in todo]
+    failures: list[tuple[int, int]] = []
+    bar = tqdm(total=sum(left.values()), unit="it", desc=f"{len(todo)} VOC trials, {len(prep.groups)} at a time",
+               disable=None)
+
+    def on_start(job: PoolJob, group: Sequence[str]) -> None:
+        seed, folder, state = by_key[job.key]
+        where = f"GPU {','.join(group)}" if group else "CPU"
+        echo(f"{_action(job.key, seed, state, folder, options.trials)} on {where} (log: {job.log})")
+        book.started(job.key)
+
+    def on_exit(job: PoolJob, code: int) -> bool:
+        m = book.finished(job.key)
+        if code == 0 and m is not None:
+            return True
+        failures.append((job.key, code))
+        echo(f"trial {job.key + 1}/{options.trials}: its process ended with exit code {code}; no new trial starts, "
+             "running ones finish")
+        return False
+
+    def on_tick() -> None:
+        done = 0
+        for k, n in left.items():
+            p = read_progress(trial_dir(options.output, k))
+            if p:
+                done += min(n, max(0, int(p.get("iteration", 0)) - int(p.get("start_iter", 0))))
+            elif read_metrics(trial_dir(options.output, k)) is not None:
+                done += n
+        bar.n = done
+        bar.refresh()
+
+    try:
+        run_pool(jobs, prep.groups, lambda group: child_env(os.environ, group, len(prep.groups)), on_start, on_exit,
+                 on_tick)
+    finally:
+        bar.close()
+    for k, code in failures:
+        if code == EXIT_OOM or read_oom(trial_dir(options.output, k)) is not None:
+            raise out_of_memory_error(prep, options, k, echo)
+    if failures:
+        k, code = failures[0]
+        log = trial_dir(options.output, k) / "console.log"
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:]) if log.is_file() else ""
+        raise TrialFailed(f"trial {k} failed (exit code {code}); last lines of {log}:\n{tail}")

@@ -1,0 +1,293 @@
+"""One VOC fine-tuning trial, in every process that trains: the trainer, its progress file, out-of-memory capture.
+
+Entry points: `run_trial` (through detectron2's `launch`, in the `moco eval voc` process or spawned per GPU) and
+`python -m moco_transfer.eval.voc_train CONFIG VOC_ROOT SEED --gpus N` (one trial as a subprocess, used by
+`--parallel-trials`). Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that
+runs out of GPU memory writes oom_rank<r>.json, from which the parent builds its message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moco_transfer.detectron2_ext import register
+
+from .voc_layout import VOC_SPLITS, our_name, voc_names
+from .voc_trials import PROGRESS_FILE, write_json_atomic, write_metrics
+
+SEGMENTS_FILE = "segments.json"
+TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)
+EXIT_OOM = 3
+PROGRESS_PERIOD = 20
+WARMUP_ITERS = 20  # iterations not timed: cuDNN autotuning, allocator growth, loader start-up
+TIMED_ITERS = 20
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial process ran out of GPU memory; its record is in the trial folder (oom_rank<r>.json)."""
+
+
+def register_voc(voc_root: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Register `moco_<name>` for each builtin VOC name in `names`, rooted at `voc_root`; idempotent."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_pascal_voc
+
+    done = []
+    for name in voc_names(names):
+        folder, split, year = VOC_SPLITS[name]
+        ours, dirname = our_name(name), str((Path(voc_root) / folder).resolve())
+        if ours in DatasetCatalog.list():
+            if getattr(MetadataCatalog.get(ours), "dirname", None) == dirname:
+                done.append(ours)
+                continue
+            DatasetCatalog.remove(ours)
+            MetadataCatalog.remove(ours)
+        register_pascal_voc(ours, dirname, split, year)
+        MetadataCatalog.get(ours).evaluator_type = "pascal_voc"
+        done.append(ours)
+    return done
+
+
+def timing_window(start_iter: int, max_iter: int, warmup: int = WARMUP_ITERS, timed: int = TIMED_ITERS
+                  ) -> tuple[int, int]:
+    """Iterations [a, b) whose wall time gives s/iter: after `warmup` untimed ones, shrunk for short runs."""
+    left = max(0, max_iter - start_iter)
+    w = min(warmup, left // 2)
+    return start_iter + w, start_iter + w + max(0, min(timed, left - w))
+
+
+def ims_per_gpu(cfg: Any, world_size: int) -> int:
+    return int(cfg.SOLVER.IMS_PER_BATCH) // max(1, world_size)
+
+
+def _peak_reserved() -> int | None:
+    return int(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def trainer_class() -> type:
+    """The detectron2 trainer of a VOC trial (built lazily: detectron2 is optional)."""
+    from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+    from detectron2.utils import comm
+    from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+    class ProgressHook(HookBase):
+        """Rank 0: times the iterations after warm-up and keeps progress.json current for the parent."""
+
+        def __init__(self, folder: Path, cfg: Any) -> None:
+            self.path = folder / PROGRESS_FILE
+            self.cfg = cfg
+            self.s_per_iter: float | None = None
+            self._t0: float | None = None
+
+        def before_train(self) -> None:
+            self.window = timing_window(self.trainer.start_iter, self.trainer.max_iter)
+            if self.window[0] == self.window[1]:
+                self._write()
+            self._t0 = time.perf_counter() if self.window[0] == self.trainer.start_iter else None
+
+        def after_step(self) -> None:
+            done = self.trainer.iter + 1  # iterations finished so far
+            a, b = self.window
+            if done == a:
+                self._t0 = time.perf_counter()
+            if done == b and self._t0 is not None and b > a:
+                self.s_per_iter = (time.perf_counter() - self._t0) / (b - a)
+            if done == b or done % PROGRESS_PERIOD == 0 or done >= self.trainer.max_iter:
+                self._write()
+
+        def _write(self) -> None:
+            world = comm.get_world_size()
+            write_json_atomic({"iteration": self.trainer.iter + 1, "start_iter": self.trainer.start_iter,
+                               "max_iter": self.trainer.max_iter, "s_per_iter": self.s_per_iter,
+                               "window": list(self.window), "amp": bool(self.cfg.SOLVER.AMP.ENABLED), "gpus": world,
+                               "ims_per_gpu": ims_per_gpu(self.cfg, world), "peak_memory_bytes": _peak_reserved(),
+                               "time": time.time()}, self.path)
+
+    class VocTrainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
+            return PascalVOCDetectionEvaluator(dataset_name)
+
+        def build_writers(self) -> list[Any]:
+            """Console and JSON lines; TensorBoard events only where tensorboard is installed (not a dependency)."""
+            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, TRAIN_LOG))]
+            if importlib.util.find_spec("tensorboard") is not None:
+                from detectron2.utils.events import TensorboardXWriter
+
+                writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
+            return writers
+
+        def build_hooks(self) -> list[Any]:
+            hooks = super().build_hooks()
+            if comm.is_main_process():
+                hooks.insert(0, ProgressHook(Path(self.cfg.OUTPUT_DIR), self.cfg))
+            return hooks
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            """Resume across a precision change: an fp32 checkpoint has no gradient-scaler state for AMP."""
+            inner = state_dict["_trainer"]
+            if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
+                logging.getLogger("detectron2").info("resuming an fp32 checkpoint with --amp: the gradient scaler "
+                                                     "starts from its initial scale")
+                super(DefaultTrainer, self).load_state_dict(state_dict)  # TrainerBase: iteration and hooks
+                SimpleTrainer.load_state_dict(self._trainer, inner)
+                return
+            super().load_state_dict(state_dict)
+
+    return VocTrainer
+
+
+class _HideOomTraceback(logging.Filter):
+    """Keeps detectron2's 'Exception during training' traceback of an OOM off the console (log.txt keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, torch.OutOfMemoryError)
+
+
+def _update_segments(folder: Path, start_iter: int, cfg: Any, world: int) -> list[dict[str, Any]]:
+    """Each launch of the trial is a segment; a trial that starts from iteration 0 forgets earlier attempts."""
+    path = folder / SEGMENTS_FILE
+    segments: list[dict[str, Any]] = []
+    if start_iter > 0:
+        try:
+            segments = [s for s in json.loads(path.read_text()) if s.get("start_iter", 0) < start_iter]
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError, TypeError):
+            segments = []
+    segments.append({"start_iter": start_iter, "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": world,
+                     "ims_per_gpu": ims_per_gpu(cfg, world)})
+    write_json_atomic(segments, path)
+    return segments
+
+
+def _oom_record(cfg: Any, rank: int, world: int, iteration: int | None, exc: BaseException) -> dict[str, Any]:
+    """What the parent needs for its message; `iteration` is detectron2's 0-based index of the failed one."""
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    text = str(exc).strip()
+    rec: dict[str, Any] = {
+        "rank": rank, "iteration": iteration, "max_iter": max_iter,
+        "phase": "training" if iteration is None or iteration < max_iter else "evaluation",
+        "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": world, "ims_per_gpu": ims_per_gpu(cfg, world),
+        "reserved_bytes": _peak_reserved(), "free_bytes": None, "total_bytes": None, "device": "",
+        "error": text.splitlines()[0][:300] if text else type(exc).__name__,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()
+        rec["device"] = torch.cuda.get_device_name(dev)
+        rec["free_bytes"], rec["total_bytes"] = (int(x) for x in torch.cuda.mem_get_info(dev))
+    return rec
+
+
+def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
+    """Train and evaluate one trial from its saved config; rank 0 writes metrics.json. Entry point of `launch`.
+
+    An out-of-memory error is recorded in oom_rank<r>.json, the memory released, and TrialOutOfMemory raised:
+    the trial keeps its last periodic checkpoint, so a re-run with a setting that fits can resume it.
+    """
+    from detectron2.config import get_cfg
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    register()
+    cfg = get_cfg()
+    cfg.merge_from_file(cfg_file)
+    cfg.freeze()
+    register_voc(voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    rank, world = comm.get_rank(), comm.get_world_size()
+    folder = Path(cfg.OUTPUT_DIR)
+    logger = setup_logger(distributed_rank=rank, name="detectron2")
+    setup_logger(distributed_rank=rank, name="fvcore")
+    for h in logger.handlers:
+        if not any(isinstance(f, _HideOomTraceback) for f in h.filters):
+            h.addFilter(_HideOomTraceback())
+    handler = None
+    if rank == 0:
+        handler = logging.FileHandler(folder / "log.txt")
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    oom: dict[str, Any] | None = None
+    trainer = None
+    try:
+        seed_all_rng(seed + rank)
+        try:
+            trainer = trainer_class()(cfg)
+            trainer.resume_or_load(resume=True)
+            start_iter = trainer.start_iter
+            segments = _update_segments(folder, start_iter, cfg, world) if rank == 0 else []
+            trainer.train()
+            if hasattr(trainer, "_last_eval_results"):  # set by DefaultTrainer's EvalHook after the last iteration
+                results = trainer._last_eval_results
+            else:
+                results = trainer.test(cfg, trainer.model)
+        except torch.OutOfMemoryError as exc:
+            oom = _oom_record(cfg, rank, world, getattr(trainer, "iter", None), exc)
+            logger.error(f"out of GPU memory in {oom['phase']} (rank {rank}): {oom['error']}", exc_info=exc)
+        if oom is None:
+            if comm.is_main_process():
+                write_metrics(folder, results["bbox"], seed, start_iter=start_iter, max_iter=cfg.SOLVER.MAX_ITER,
+                              amp=bool(cfg.SOLVER.AMP.ENABLED), gpus=world, ims_per_gpu=ims_per_gpu(cfg, world),
+                              segments=segments)
+            comm.synchronize()
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+        trainer = None
+        gc.collect()
+    if oom is not None:  # outside the except block, so the traceback's frames (and their tensors) are gone
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        write_json_atomic(oom, folder / f"oom_rank{rank}.json")
+        raise TrialOutOfMemory(f"trial in {folder} ran out of GPU memory in {oom['phase']} (rank {rank}); "
+                               f"see {folder / f'oom_rank{rank}.json'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One trial in this process (and its GPU group): exit 0 when done, 3 when out of GPU memory, 1 otherwise."""
+    from detectron2.engine import launch
+
+    ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.voc_train", description=main.__doc__)
+    ap.add_argument("config", help="the trial's config.yaml (OUTPUT_DIR is the trial folder)")
+    ap.add_argument("voc_root")
+    ap.add_argument("seed", type=int)
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs of this trial (0 = CPU)")
+    ap.add_argument("--dist-url", default="auto")
+    args = ap.parse_args(argv)
+    folder = Path(trial_output_dir(args.config))
+    try:
+        launch(run_trial, max(1, args.gpus), dist_url=args.dist_url, args=(args.config, args.voc_root, args.seed))
+    except TrialOutOfMemory as exc:
+        print(f"out of GPU memory: {exc}", file=sys.stderr)
+        return EXIT_OOM
+    except Exception:
+        if any(folder.glob("oom_rank*.json")):  # a spawned rank ran out of memory
+            print(f"out of GPU memory; see {folder}/oom_rank*.json", file=sys.stderr)
+            return EXIT_OOM
+        raise
+    return 0
+
+
+def trial_output_dir(cfg_file: str) -> str:
+    """OUTPUT_DIR of a saved trial config, read without detectron2's config machinery."""
+    import yaml
+
+    with open(cfg_file) as f:
+        return str(yaml.safe_load(f).get("OUTPUT_DIR", "."))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
