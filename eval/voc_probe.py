@@ -61,14 +61,16 @@ class Prober:
 
     def step(self, setting: Setting) -> None:
         """One training iteration on `setting.ims_per_gpu` images at the probe size (weights change: a copy)."""
+        from detectron2.utils.events import EventStorage
+
         if len(self.samples) < setting.ims_per_gpu:
             self.samples = probe_inputs(self.cfg, setting.ims_per_gpu, self.image_size)
         batch = self.samples[:setting.ims_per_gpu]
         amp = setting.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=amp):
-            losses = sum(self.model(batch).values())
+        with EventStorage(0), torch.autocast(self.device.type, dtype=torch.float16, enabled=amp):
+            losses = sum(self.model(batch).values())  # the heads log training statistics to an event storage
         scaler.scale(losses).backward()
         scaler.step(self.optimizer)
         scaler.update()

@@ -368,11 +368,15 @@ class RunBook:
         return m
 
     def poll(self) -> None:
-        """Make the projection once a running trial has timed its iterations after warm-up."""
+        """Make the projection once a trial of this run has timed its iterations after warm-up.
+
+        Every planned trial is looked at, not only running ones: a short trial can end between two polls. Their
+        progress files were cleared before this run started them, so any found is this run's.
+        """
         with self.lock:
             if self.projection is not None or not self.plan:
                 return
-            for k in sorted(self.running):
+            for k, _ in self.plan:
                 p = read_progress(trial_dir(self.out_dir, k))
                 if p and p.get("s_per_iter"):
                     window = tuple(p.get("window") or (0, 0))

@@ -1,7 +1,6 @@
 """End to end with a real detectron2: `moco eval voc` fine-tunes on a synthetic VOC tree for a few iterations.
 
-Tiny overrides keep it to CPU seconds: 64-pixel images, 16 sampled RoIs per image pooled to 8x8, 2 images per
-batch, 4 iterations.
+The overrides in `voc_synthetic.TINY` keep every trial to CPU seconds.
 """
 
 from __future__ import annotations
@@ -9,42 +8,21 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from functools import partial
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-from .voc_synthetic import write_voc
+from .voc_synthetic import TINY, write_moco_checkpoint, write_voc
 
 pytest.importorskip("detectron2", reason="detectron2 not installed (no wheel for this Python; build it from "
                                          "source as docs/voc.md says)")
 
-from moco_transfer.backbone import build_resnet  # noqa: E402
-from moco_transfer.builder import MoCo  # noqa: E402
-from moco_transfer.checkpoint import with_module_prefix  # noqa: E402
 from moco_transfer.cli import main  # noqa: E402
-
-TINY = [
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "16", "TEST.DETECTIONS_PER_IMAGE", "20",
-    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)",
-    "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
-    "DATALOADER.NUM_WORKERS", "0",
-]
 
 
 @pytest.fixture(scope="module")
 def moco_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = MoCo(partial(build_resnet, "resnet50"), dim=128, K=256, mlp=True)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar"
-    torch.save({"epoch": 1, "arch": "resnet50", "state_dict": with_module_prefix(model.state_dict()),
-                "optimizer": {}, "config": {}}, path)
-    return path
+    return write_moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +52,28 @@ def test_trials_summary_skip_and_resume(moco_checkpoint, voc_root, tmp_path):
         assert summary["mean"][key] == pytest.approx(sum(vals) / 2)
         assert summary["std"][key] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
     assert "| mean |" in (out / "summary.md").read_text()
+    assert [r["precision"] for r in summary["trials"]] == ["fp32", "fp32"]
+    assert "memory pre-flight: skipped on the CPU" in res.output
     for k in (0, 1):
         trial = out / f"trial_{k}"
         assert (trial / "model_final.pth").is_file() and (trial / "log.txt").is_file()
         cfg_text = (trial / "config.yaml").read_text()
         assert f"SEED: {k}\n" in cfg_text and "moco_voc_2007_trainval" in cfg_text and "backbone_d2.pkl" in cfg_text
-        assert json.loads((trial / "metrics.json").read_text())["start_iter"] == 0
+        metrics = json.loads((trial / "metrics.json").read_text())
+        assert metrics["start_iter"] == 0 and metrics["amp"] is False and metrics["ims_per_gpu"] == 2
+        progress = json.loads((trial / "progress.json").read_text())
+        assert progress["iteration"] == 4 and progress["window"] == [2, 4] and progress["s_per_iter"] > 0
+        assert len((trial / "train_log.json").read_text().splitlines()) >= 1  # detectron2's JSON lines
+        line = f"trial {k + 1}/2 (seed {k}): AP50 {summary['trials'][k]['AP50']:.2f}"
+        assert line in res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["version"] == 2 and run["config"]["SOLVER.BASE_LR"] == 0.002
+    assert "SOLVER.AMP.ENABLED" not in run["config"] and run["execution"]["amp"] is False
+    assert sorted(run["trial_lines"]) == ["0", "1"] and run["trial_lines"]["1"]["line"].startswith("trial 2/2")
+    proj = run["projection"]  # from the first trial's timed iterations 2-4: 2 trials x 4 iterations
+    assert proj["iterations"] == [4, 4] and proj["parallel"] == 1 and proj["trial"] == 0
+    assert proj["seconds"] == pytest.approx(8 * proj["s_per_iter"])
+    assert proj["line"] in res.output
 
     # Interrupt trial 1 after its first checkpoint (iteration 2 of 4); trial 0 stays finished.
     t0_metrics = (out / "trial_0" / "metrics.json").read_text()
@@ -96,11 +90,14 @@ def test_trials_summary_skip_and_resume(moco_checkpoint, voc_root, tmp_path):
     assert (t1 / "model_final.pth").is_file()
     assert json.loads((out / "summary.json").read_text())["trials_finished"] == 2
 
-    # A third run has nothing to do, and a changed configuration is refused for this folder.
+    # A third run has nothing to do, and a changed training target is refused for this folder, naming the change.
     res = _run(args)
     assert res.exit_code == 0 and "resuming" not in res.output and res.output.count("finished earlier") == 2
+    assert len(json.loads((out / "run.json").read_text())["history"]) == 3
     res = _run([*args, "SOLVER.BASE_LR", "0.01"])
-    assert res.exit_code != 0 and "different config_sha256" in res.output
+    assert res.exit_code != 0 and "2 finished trial(s) (0, 1)" in res.output
+    assert "SOLVER.BASE_LR 0.002 -> 0.01" in res.output and "--fresh" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_preflight_errors_before_training(moco_checkpoint, voc_root, tmp_path):
@@ -124,6 +121,11 @@ def test_preflight_errors_before_training(moco_checkpoint, voc_root, tmp_path):
     assert res.exit_code != 0
     assert "missing (e.g." in res.output and "res5.2.conv1.weight" in res.output
     assert not (out / "trial_0").exists() and not (out / "run.json").exists()  # a fixed checkpoint can retry here
+    # --amp needs CUDA: said before anything runs
+    res = _run([str(full), "--voc-root", str(voc_root), "--output", str(tmp_path / "d"), "--gpus", "0", "--amp",
+                "--opts", *TINY])
+    assert res.exit_code != 0 and "--amp (SOLVER.AMP.ENABLED) needs CUDA GPUs" in res.output
+    assert not (tmp_path / "d" / "run.json").exists()
     # a wrong config key is reported by detectron2's own check
     res = _run([str(full), "--voc-root", str(voc_root), "--output", str(tmp_path / "c"), "--gpus", "0",
                 "--opts", "SOLVER.NOT_A_KEY", "1"])

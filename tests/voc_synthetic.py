@@ -1,11 +1,43 @@
-"""A tiny PASCAL VOC tree written by tests: VOC2007 (trainval, test) and VOC2012 (trainval), every XML field."""
+"""A tiny PASCAL VOC tree written by tests: VOC2007 (trainval, test) and VOC2012 (trainval), every XML field.
+
+Also what the detectron2 tests share: a random-weight MoCo ResNet-50 checkpoint and the config overrides that
+keep a trial to CPU seconds (64-pixel images, 16 sampled RoIs per image pooled to 8x8, 2 images per batch, 4
+iterations with a checkpoint every 2).
+"""
 
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+TINY = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "16", "TEST.DETECTIONS_PER_IMAGE", "20",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)",
+    "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+def write_moco_checkpoint(path: Path) -> Path:
+    """A MoCo v2 ResNet-50 checkpoint of this project's layout with random weights (seed 0)."""
+    import torch
+
+    from moco_transfer.backbone import build_resnet
+    from moco_transfer.builder import MoCo
+    from moco_transfer.checkpoint import with_module_prefix
+
+    torch.manual_seed(0)
+    model = MoCo(partial(build_resnet, "resnet50"), dim=128, K=256, mlp=True)
+    torch.save({"epoch": 1, "arch": "resnet50", "state_dict": with_module_prefix(model.state_dict()),
+                "optimizer": {}, "config": {}}, path)
+    return path
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
