@@ -137,7 +137,7 @@ class BatchedMocoAugment:
         sigma_scale = image_size / 224
         self.blur_sigma = (BLUR_SIGMA[0] * sigma_scale, BLUR_SIGMA[1] * sigma_scale)
         self.blur_radius = max(1, math.ceil(BLUR_TRUNCATE * self.blur_sigma[1]))
-        self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._consts: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return (f"BatchedMocoAugment(image_size={self.image_size}, crop_min={self.crop_min}, "
@@ -173,8 +173,8 @@ class BatchedMocoAugment:
         params = {"box": self._sample_boxes(sizes, uniform)}
         params["flip"] = uniform(n) < self.flip_p
         params["jitter"] = uniform(n) < self.jitter_p
-        low = _host_tensor_to(list(self.jitter_low), device, torch.float32)
-        high = _host_tensor_to(list(self.jitter_high), device, torch.float32)
+        consts = self._device_consts(device)
+        low, high = consts["jitter_low"], consts["jitter_high"]
         params["factors"] = low + uniform(n, 4) * (high - low)
         # argsort of iid uniforms is a uniformly random permutation per sample (torch.randperm per row)
         params["order"] = uniform(n, 4).argsort(dim=1)
@@ -354,13 +354,18 @@ class BatchedMocoAugment:
         y = F.conv2d(y, k.unsqueeze(2), groups=n * c)  # along width
         return torch.where(blur.view(-1, 1, 1, 1), y.view(n, c, s, s), x)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device
+    def _device_consts(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Small constant tensors, copied to each device once."""
         if device not in self._consts:
-            self._consts[device] = (
-                _host_tensor_to(list(IMAGENET_MEAN), device, torch.float32).view(1, 3, 1, 1),
-                _host_tensor_to(list(IMAGENET_STD), device, torch.float32).view(1, 3, 1, 1),
-            )
-        mean, std = self._consts[device]
-        x = (x - mean).div_(std).to(self.out_dtype)
+            self._consts[device] = {
+                "mean": _host_tensor_to(list(IMAGENET_MEAN), device, torch.float32).view(1, 3, 1, 1),
+                "std": _host_tensor_to(list(IMAGENET_STD), device, torch.float32).view(1, 3, 1, 1),
+                "jitter_low": _host_tensor_to(list(self.jitter_low), device, torch.float32),
+                "jitter_high": _host_tensor_to(list(self.jitter_high), device, torch.float32),
+            }
+        return self._consts[device]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        consts = self._device_consts(x.device)
+        x = (x - consts["mean"]).div_(consts["std"]).to(self.out_dtype)
         return x.contiguous(memory_format=self.memory_format)

@@ -113,14 +113,14 @@ def test_resized_crop_matches_torchvision_antialias() -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_float16_resize_is_within_a_tenth_of_a_level() -> None:
+def test_float16_resize_stays_within_a_fraction_of_a_level() -> None:
     """CUDA's default: the resize matmuls in float16 (tensor cores) against torchvision in float32."""
     photo = _photo("flower.jpg")
     aug = BatchedMocoAugment(224)
     aug.resize_dtype = torch.float16
-    p = _off(aug.sample_params(torch.tensor([list(photo.shape[1:])] * 8), _gen(22)))
-    out = aug.apply(photo.unsqueeze(0).expand(8, -1, -1, -1), p)
-    ref = torch.stack([_reference(aug, photo, p, i) for i in range(8)])
+    p = _off(aug.sample_params(torch.tensor([list(photo.shape[1:])] * 4), _gen(22)))
+    out = aug.apply(photo.unsqueeze(0).expand(4, -1, -1, -1), p)
+    ref = torch.stack([_reference(aug, photo, p, i) for i in range(4)])
     diff = (out - ref).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
     # measured on CPU: mean 0.02-0.03, max 0.27 (0-255 units)
     assert diff.mean() < 0.06 and diff.max() < 0.5, (diff.mean(), diff.max())
