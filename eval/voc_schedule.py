@@ -114,7 +114,7 @@ class Projection:
     iterations: list[int]  # remaining iterations of each trial still to run, in run order
     parallel: int
     trial: int  # the trial whose iterations were timed
-    window: tuple[int, int]  # timed iterations [first, last)
+    window: tuple[int, int]  # finished-iteration counts between which the time was taken
 
     @property
     def seconds(self) -> float:
@@ -126,9 +126,11 @@ class Projection:
         same = len(set(self.iterations)) == 1
         what = (f"{n} trial{'s' if n != 1 else ''} x {self.iterations[0]} iterations" if same
                 else f"{n} trials, {total} iterations left")
+        a, b = self.window[0] + 1, self.window[1]  # window counts finished iterations: [a, b) -> a+1 .. b
+        timed = f"iteration {b}" if a == b else f"iterations {a}-{b}"
         return (f"projected training time: {what} x {self.s_per_iter:.3f} s/iter / {self.parallel} in parallel = "
-                f"{format_duration(self.seconds)} (timed over iterations {self.window[0]}-{self.window[1]} of "
-                f"trial {self.trial + 1}; evaluation not included)")
+                f"{format_duration(self.seconds)} (timed over {timed} of trial {self.trial + 1}; evaluation not "
+                "included)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"seconds": self.seconds, "hours": self.seconds / 3600, "line": self.line()}

@@ -72,7 +72,8 @@ def test_makespan_and_projection():
     assert p.seconds == pytest.approx(24000 * 0.77 * 5)
     assert p.line().startswith("projected training time: 5 trials x 24000 iterations x 0.770 s/iter / 1 in parallel "
                                "= 25.7 h")
-    assert "iterations 20-40 of trial 1" in p.line()
+    assert "timed over iterations 21-40 of trial 1" in p.line()
+    assert "timed over iteration 4 of trial 2" in Projection(1.0, [2], 1, 1, (3, 4)).line()
     q = Projection(0.5, [10000, 48000, 48000], 2, 1, (20, 40))
     assert q.seconds == pytest.approx(58000 * 0.5)  # 10k then 48k on one slot, 48k on the other
     assert "3 trials, 106000 iterations left" in q.line() and "8.1 h" in q.line()
