@@ -387,6 +387,9 @@ def memory_preflight(prep: Prepared, options: VocOptions, echo: Callable[[str], 
     if options.gpus_per_trial == 0:
         echo("memory pre-flight: skipped on the CPU (it measures GPU memory)")
         return None
+    if all(trial_state(trial_dir(options.output, k)) is TrialState.FINISHED for k in range(options.trials)):
+        echo("memory pre-flight: skipped, every trial is finished")
+        return None
     plan = _probe_plan(prep, options, echo)
     if plan is None:
         return None
@@ -453,6 +456,9 @@ def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[st
     if not todo:
         return summary
     book.plan = [(k, remaining_iterations(folder, int(cfg.SOLVER.MAX_ITER))) for k, _, folder, _ in todo]
+    if len(prep.groups) > len(todo):
+        echo(f"note: --parallel-trials {len(prep.groups)} but {len(todo)} trial(s) to run: "
+             f"{len(prep.groups) - len(todo)} group(s) of {options.gpus_per_trial or 'CPU'} GPU(s) stay idle")
     with Monitor(book):
         if len(prep.groups) == 1:
             _run_sequential(todo, prep, options, book, echo)
