@@ -457,8 +457,9 @@ def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[st
         return summary
     book.plan = [(k, remaining_iterations(folder, int(cfg.SOLVER.MAX_ITER))) for k, _, folder, _ in todo]
     if len(prep.groups) > len(todo):
+        what = f"group(s) of {options.gpus_per_trial} GPU(s)" if options.gpus_per_trial else "CPU slot(s)"
         echo(f"note: --parallel-trials {len(prep.groups)} but {len(todo)} trial(s) to run: "
-             f"{len(prep.groups) - len(todo)} group(s) of {options.gpus_per_trial or 'CPU'} GPU(s) stay idle")
+             f"{len(prep.groups) - len(todo)} {what} stay idle")
     with Monitor(book):
         if len(prep.groups) == 1:
             _run_sequential(todo, prep, options, book, echo)
