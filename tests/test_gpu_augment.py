@@ -271,9 +271,11 @@ def _binomial_ok(flags: torch.Tensor, p: float) -> bool:
 
 
 def _torchvision_boxes(height: int, width: int, crop_min: float, n: int) -> torch.Tensor:
-    torch.manual_seed(0)
+    """n draws of torchvision's RandomResizedCrop.get_params (global RNG, seeded here and restored after)."""
     img = torch.empty(3, height, width)
-    return torch.tensor([T.RandomResizedCrop.get_params(img, [crop_min, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.tensor([T.RandomResizedCrop.get_params(img, [crop_min, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
 
 
 @pytest.mark.parametrize("height,width,crop_min", [(375, 500, 0.2), (150, 500, 0.2), (64, 48, 0.5)])
