@@ -1,0 +1,262 @@
+"""Data pipeline vs training step, measured side by side in one run on a synthetic ImageNet-like JPEG folder.
+
+Prints, for the same data, model and batch:
+  (a) the CPU loader (workers decode and augment with PIL) alone, images/s with N workers;
+  (b) the device pipeline alone (workers read bytes; decode_jpeg and both views on the device), with
+      decode and augmentation timed apart;
+  (c) the model-only training step on views already on the device;
+  (d) end-to-end training (train_one_epoch) with each pipeline, and its ratio to (c).
+Target on a GPU: end-to-end bf16 with the device pipeline >= 0.90 of the model-only step.
+
+    python benchmarks/bench_pipeline.py                    # resnet50, 224 px, batch 256, bf16 + channels_last on CUDA
+    python benchmarks/bench_pipeline.py --quick            # tiny, on CPU: a smoke test (resnet18, 32 px, few steps)
+    python benchmarks/bench_pipeline.py --workers 16 --images 10240 --keep-data /tmp/jpegs
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from moco_transfer.pretrain.config import PretrainConfig, resolve_config
+from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from moco_transfer.pretrain.engine import build_model, build_optimizer, train_one_epoch
+from moco_transfer.pretrain.gpu_pipeline import DevicePipeline, resolve_pipeline, training_dtype
+
+
+def _write_images(args: tuple[Path, int, int, int, int, int]) -> int:
+    """Smooth colour waves plus sensor-like noise: compresses like a photo (tens of KB), unlike pure noise."""
+    root, start, stop, classes, width, height = args
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    total = 0
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        image = np.empty((height, width, 3), np.float32)
+        for c in range(3):
+            fx, fy = rng.uniform(0.5, 6, 2) / np.array([width, height])
+            image[..., c] = 128 + 60 * np.sin(2 * np.pi * (fx * xx + fy * yy) + rng.uniform(0, 6.3))
+            fx, fy = rng.uniform(6, 40, 2) / np.array([width, height])
+            image[..., c] += 30 * np.sin(2 * np.pi * (fx * xx - fy * yy) + rng.uniform(0, 6.3))
+        image += rng.normal(0, 8, image.shape)
+        out = io.BytesIO()
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+        folder = root / f"class_{i % classes:02d}"
+        (folder / f"img_{i:06d}.jpg").write_bytes(out.getvalue())
+        total += out.tell()
+    return total
+
+
+def write_jpeg_folder(root: Path, images: int, size: tuple[int, int], classes: int, workers: int) -> float:
+    """`images` JPEGs of `size` (width, height) in `classes` folders; returns the mean file size in KB."""
+    for c in range(classes):
+        (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    chunks = [(root, s, min(s + 64, images), classes, *size) for s in range(0, images, 64)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            total = sum(pool.map(_write_images, chunks))
+    else:
+        total = sum(map(_write_images, chunks))
+    return total / images / 1024
+
+
+def row(label: str, rate: float, note: str = "") -> None:
+    print(f"{label:<70s}{rate:10.1f} img/s   {note}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timed:
+    """Iterates `loader`, noting when batch `skip` is handed out: start-up (worker spawn) is left out."""
+
+    def __init__(self, loader: Any, skip: int) -> None:
+        self.loader, self.skip, self.started, self.counted = loader, skip, None, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.loader):
+            if i == self.skip:
+                self.started = time.perf_counter()
+            elif i > self.skip:
+                self.counted += 1
+            yield batch
+
+    def rate(self, batch: int, ended: float, consumed: bool) -> float:
+        """images/s since batch `skip` was handed out: the batches made since, plus that one when it was also
+        consumed in the interval (a training step), not when only the loader is timed."""
+        if self.started is None:
+            return float("nan")
+        return (self.counted + consumed) * batch / (ended - self.started)
+
+
+class RepeatedViews:
+    """A loader that hands out the same device batch: the training step without any data cost."""
+
+    def __init__(self, views: list[torch.Tensor], steps: int) -> None:
+        self.views, self.steps = views, steps
+        self.targets = torch.zeros(views[0].shape[0], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
+        for _ in range(self.steps):
+            yield self.views, self.targets, []
+
+
+def loader_rate(loader: Iterable, device: torch.device, batch: int, skip: int) -> float:
+    timed = Timed(loader, skip)
+    for _ in timed:
+        pass
+    sync(device)
+    return timed.rate(batch, time.perf_counter(), consumed=False)
+
+
+def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int, epochs: int) -> float:
+    """images/s of train_one_epoch (the real loop) over the last epoch, its first `skip` batches left out."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    rate = float("nan")
+    for epoch in range(epochs):
+        if isinstance(loader, DevicePipeline) or hasattr(loader, "sampler"):
+            seed_epoch(loader, cfg.seed, epoch)
+        timed = Timed(loader, skip)
+        train_one_epoch(model, timed, optimizer, scaler, cfg, device, epoch, cfg.effective_lr)
+        rate = timed.rate(cfg.batch_size, time.perf_counter(), consumed=True)  # the epoch ends with a sync
+    return rate
+
+
+def device_parts(cfg: PretrainConfig, pipeline: DevicePipeline, device: torch.device, repeats: int
+                 ) -> tuple[float, float, list[torch.Tensor]]:
+    """Decode alone and the two views alone, on one batch of bytes already in memory (images/s each)."""
+    payload, layout, _, _ = next(iter(pipeline.loader))
+    pipeline.decode(payload, layout)
+    images, _ = pipeline.decode(payload, layout)
+    views = [pipeline.augment(images, pipeline.generator) for _ in range(2)]
+    times_decode, times_views = [], []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        images, _ = pipeline.decode(payload, layout)
+        sync(device)
+        t1 = time.perf_counter()
+        views = [pipeline.augment(images, pipeline.generator) for _ in range(2)]
+        sync(device)
+        times_decode.append(t1 - t0)
+        times_views.append(time.perf_counter() - t1)
+    n = layout.shape[0]
+    return n / statistics.median(times_decode), n / statistics.median(times_views), views
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test: resnet18, 32 px, few steps")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per pass (24; --quick 4)")
+    parser.add_argument("--workers", type=int, default=None, help="loader processes (default: all CPU cores)")
+    parser.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                        help="auto: bf16 + channels_last on CUDA, none on CPU")
+    parser.add_argument("--jpeg-size", default=None, help="WIDTHxHEIGHT of the synthetic JPEGs (500x375)")
+    parser.add_argument("--keep-data", default=None, help="write (or reuse) the JPEG folder here and keep it")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quick = args.quick
+    if quick:  # a smoke test on a shared CI box: one thread per process avoids OpenMP oversubscription stalls
+        torch.set_num_threads(1)
+    arch = args.arch or ("resnet18" if quick else "resnet50")
+    size = args.image_size or (32 if quick else 224)
+    batch = args.batch_size or (16 if quick else 256)
+    steps = args.steps or (4 if quick else 24)
+    workers = args.workers if args.workers is not None else (min(2, cores) if quick else cores)
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    jpeg = tuple(int(v) for v in (args.jpeg_size or ("96x72" if quick else "500x375")).split("x"))
+    skip = 1 if quick else 3  # batches left out of each timing: worker start-up, first-batch latency
+
+    folder = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    images = batch * (steps + skip)
+    try:
+        existing = sorted(folder.glob("class_*/*.jpg"))
+        if len(existing) >= images:
+            kb = sum(p.stat().st_size for p in existing) / len(existing) / 1024
+            images = len(existing) - len(existing) % batch
+        else:
+            start = time.perf_counter()
+            kb = write_jpeg_folder(folder, images, jpeg, classes=10, workers=max(workers, 1))
+            print(f"wrote {images} synthetic {jpeg[0]}x{jpeg[1]} JPEGs ({kb:.0f} KB each) in "
+                  f"{time.perf_counter() - start:.1f} s")
+        base = dict(data=str(folder), output=str(folder / "_out"), arch=arch, small_images=False,
+                    image_size=size, batch_size=batch, moco_k=batch * (16 if quick else 256), workers=workers,
+                    amp=amp, channels_last=device.type == "cuda", bn_splits=2 if quick else 8,
+                    device=device.type, log_every=0.0)
+        cpu_cfg = resolve_config("mocov2", overrides={**base, "data_pipeline": "cpu"})
+        gpu_cfg = resolve_config("mocov2", overrides={**base, "data_pipeline": "gpu"})
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device} ({name}), "
+              f"{cores} CPU cores, {torch.get_num_threads()} threads")
+        print(f"{images} JPEGs of {jpeg[0]}x{jpeg[1]} ({kb:.0f} KB); {arch} {size}px, batch {batch}, amp {amp}"
+              f"{', channels_last' if base['channels_last'] else ''}, K {base['moco_k']}; "
+              f"first {skip} batch(es) of each pass untimed")
+
+        per_worker = float("nan")
+        cpu_loader = build_pretrain_loader(cpu_cfg, build_pretrain_dataset(cpu_cfg, device), device)
+        seed_epoch(cpu_loader, 0, 0)
+        a = loader_rate(cpu_loader, device, batch, skip)
+        per_worker = a / max(workers, 1)
+        row(f"(a) CPU loader alone: PIL aug+, two views, {workers} workers", a, f"{per_worker:.1f} per worker")
+
+        gpu_loader = build_pretrain_loader(gpu_cfg, build_pretrain_dataset(gpu_cfg, device), device)
+        assert resolve_pipeline(gpu_cfg, device) == "gpu" and isinstance(gpu_loader, DevicePipeline)
+        seed_epoch(gpu_loader, 0, 0)
+        b = loader_rate(gpu_loader, device, batch, skip)
+        decode, views_rate, views = device_parts(gpu_cfg, gpu_loader, device, repeats=3 if quick else 10)
+        row(f"(b) device pipeline alone: {workers} workers read bytes, {device.type} decodes + augments", b,
+            f"one batch in memory: decode {decode:.0f}, two views {views_rate:.0f} img/s")
+
+        assert views[0].dtype == training_dtype(gpu_cfg)
+        epochs = 1 if quick else 2  # the first of two epochs warms up the allocator, cuDNN and oneDNN
+        c = train_rate(gpu_cfg, RepeatedViews(views, steps + skip), device, skip, epochs)
+        row(f"(c) model-only training step, views already on {device.type}", c,
+            f"a CPU loader would need ~{c / per_worker:.1f} workers to keep up")
+
+        d_cpu = train_rate(cpu_cfg, cpu_loader, device, skip, epochs)
+        d_gpu = train_rate(gpu_cfg, gpu_loader, device, skip, epochs)
+        row("(d) end-to-end training, cpu pipeline", d_cpu, f"{d_cpu / c:.2f} of the model-only step")
+        row("    end-to-end training, gpu pipeline", d_gpu, f"{d_gpu / c:.2f} of the model-only step "
+            "(target >= 0.90 on a GPU)")
+    finally:
+        if not args.keep_data:
+            shutil.rmtree(folder, ignore_errors=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
