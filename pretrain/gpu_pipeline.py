@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from .gpu_augment import BatchedMocoAugment
 
 PIPELINES = ("auto", "cpu", "gpu")
-# Baseline, extended and progressive 8-bit frames; the other SOF markers (lossless, arithmetic) go to PIL.
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
+# Sequential Huffman frames, which nvjpeg batch-decodes (in hardware on A100/H100). Progressive ones it decodes
+# one by one with host work and a stream sync each, which the loader workers do better; the rest go to PIL too.
+_SOF_MARKERS = frozenset({0xC0, 0xC1})
 _SOURCE_LOCATION = re.compile(r"^[\w.]+, \S+:\d+, ")  # torchvision's "decode_jpeg, file.cpp:171, "
 _MAX_REPLACEMENTS = 64  # as ImageFolderDataset: that many unreadable files in a row is a broken dataset
 
@@ -53,10 +54,10 @@ def training_dtype(cfg: PretrainConfig) -> torch.dtype:
 
 
 def device_decodable(data: bytes | bytearray) -> bool:
-    """True for a complete-looking 8-bit, 3-component baseline/progressive JPEG: what nvjpeg decodes reliably.
+    """True for a complete-looking 8-bit, 3-component sequential JPEG: what nvjpeg decodes fast, in one batch.
 
     Reads the marker segments up to the frame header. A file without the end-of-image marker (truncated) or
-    with 1 (grayscale) or 4 (CMYK/YCCK) components returns False and is decoded on the CPU instead.
+    with 1 (grayscale) or 4 (CMYK/YCCK) components, or progressive, returns False and is decoded on the CPU.
     """
     if len(data) < 4 or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return False
@@ -71,8 +72,8 @@ def device_decodable(data: bytes | bytearray) -> bool:
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker in _SOF_MARKERS:
             return pos + 10 <= len(data) and data[pos + 4] == 8 and data[pos + 9] == 3
-        if marker in (0xDA, 0xD9) or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return False  # scan data before any frame header, or a frame type nvjpeg lacks
+        if marker in (0xDA, 0xD9) or (0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return False  # scan data before any frame header, or another frame type (progressive, lossless...)
         pos += 2 + length
     return False
 
