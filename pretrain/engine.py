@@ -32,6 +32,7 @@ from moco_transfer.progress import progress, write
 from .config import ConfigError, PretrainConfig, save_resolved
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
 from .monitor import KnnMonitor
+from .gpu_pipeline import resolve_pipeline
 from .schedule import lr_at_epoch
 
 # Fields that must agree between a checkpoint and the run resuming it.
@@ -246,7 +247,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         log(f"MoCo pretraining: {cfg.arch}, {len(dataset)} images, {len(loader)} steps/epoch, "
             f"batch {cfg.batch_size} on {du.world_size()} process(es), lr {cfg.effective_lr:.4g}, "
             f"K {cfg.moco_k}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head, "
-            f"{'aug+' if cfg.aug_plus else 'v1 aug'}, {'cosine' if cfg.cos else 'step'} lr, device {device}")
+            f"{'aug+' if cfg.aug_plus else 'v1 aug'}, {'cosine' if cfg.cos else 'step'} lr, device {device}, "
+            f"{resolve_pipeline(cfg, device)} data pipeline")
 
     ckpt_path = find_latest(out) if start_epoch else None
     epochs_bar = progress(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
