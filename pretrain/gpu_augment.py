@@ -8,8 +8,11 @@ fixed number of launches and never waits on the device:
 - RandomResizedCrop: torchvision's rule (10 tries, then the centre-crop fallback) evaluated for all tries of
   all samples at once; the antialiased bilinear resize is two batched matmuls with per-sample resampling
   matrices (the same triangle kernel torchvision/PIL use), and the horizontal flip is folded into them.
-- ColorJitter in a per-sample random order: four slots, each sample applies the op its permutation names.
+- ColorJitter in each sample's own random order: brightness, contrast and saturation are one masked blend per
+  slot, and the hue shift runs once, between the blends each sample places before and after it.
 - RandomGrayscale, Gaussian blur (per-sample sigma, grouped separable convolution), normalisation.
+
+Only a list of differently sized images costs one copy per image (into a zero-padded batch).
 
 The ops follow torchvision's tensor functional semantics; tests/test_gpu_augment.py checks them against
 torchvision and PIL on CPU tensors.
