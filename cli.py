@@ -246,6 +246,7 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
 
 
 @eval_group.command("voc", context_settings={"ignore_unknown_options": True})
+@_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--voc-root", required=True, type=click.Path(path_type=str),
               help="Folder holding VOC2007/ and VOC2012/ (the VOCdevkit folder).")

@@ -495,7 +495,7 @@ def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Pre
 def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
                   book: RunBook, echo: Callable[[str], None]) -> None:
     """Each trial a `voc_train` subprocess on its GPU group; output in trial_<k>/console.log."""
-    from tqdm import tqdm
+    from moco_transfer.progress import progress
 
     by_key = {k: (seed, folder, state) for k, seed, folder, state in todo}
     left = dict(book.plan)
@@ -503,8 +503,7 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
                         str(options.voc_root), str(seed), "--gpus", str(options.gpus_per_trial), "--dist-url", "auto"],
                     folder / "console.log") for k, seed, folder, _ in todo]
     failures: list[tuple[int, int]] = []
-    bar = tqdm(total=sum(left.values()), unit="it", desc=f"{len(todo)} VOC trials, {len(prep.groups)} at a time",
-               disable=None)
+    bar = progress(total=sum(left.values()), unit="it", desc=f"{len(todo)} VOC trials, {len(prep.groups)} at a time")
 
     def on_start(job: PoolJob, group: Sequence[str]) -> None:
         seed, folder, state = by_key[job.key]

@@ -92,10 +92,7 @@ class PlainProgress:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        if self.log_every > 0 and not self.closed:
-            now = self.clock()
-            if now - self.last_line >= self.log_every:
-                self._emit(now)
+        self.refresh()
 
     def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
         items = {**(ordered_dict or {}), **kwargs}
@@ -109,7 +106,11 @@ class PlainProgress:
         self.desc = desc or ""
 
     def refresh(self) -> None:
-        """Nothing to redraw: lines are written on the interval only."""
+        """Print the current state if `log_every` seconds have passed since the last line (for `bar.n = x`)."""
+        if self.log_every > 0 and not self.closed:
+            now = self.clock()
+            if now - self.last_line >= self.log_every:
+                self._emit(now)
 
     def close(self) -> None:
         if self.closed:

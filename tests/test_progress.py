@@ -65,6 +65,17 @@ def test_plain_writer_does_not_repeat_the_last_line_on_close_and_leaves_quietly_
     assert out2.getvalue() == ""
 
 
+def test_setting_n_and_refreshing_prints_on_the_interval():
+    """The tqdm idiom of a bar fed from elsewhere (eval voc polls its trials): `bar.n = done; bar.refresh()`."""
+    clock, out = Clock(), io.StringIO()
+    bar = PlainProgress(total=100, desc="VOC trials", file=out, log_every=30, clock=clock)
+    for done in (10, 20, 30, 40):
+        clock.now += 20
+        bar.n = done
+        bar.refresh()
+    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == ["VOC trials: 20/100", "VOC trials: 40/100"]
+
+
 def test_progress_picks_plain_lines_for_files_and_tqdm_for_terminals(tmp_path):
     with open(tmp_path / "log.txt", "w") as log:
         bar = progress(total=3, desc="file", file=log, log_every=0.0)
@@ -105,3 +116,21 @@ def test_every_progress_bar_goes_through_the_progress_module():
                  if p.name != "progress.py" and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
     offenders += ["cli.py"] if re.search(r"^\s*(from tqdm|import tqdm)", (root / "cli.py").read_text(), re.M) else []
     assert offenders == []
+
+
+def test_commands_take_log_every():
+    from click.testing import CliRunner
+
+    from moco_transfer.cli import main
+
+    runner = CliRunner()
+    for command in (["pretrain"], ["eval", "linear"], ["eval", "knn"], ["eval", "voc"]):
+        assert "--log-every" in runner.invoke(main, [*command, "--help"]).output
+    bad = runner.invoke(main, ["eval", "knn", "missing.pth", "--log-every", "-1"])
+    assert bad.exit_code == 2 and "--log-every" in bad.output
+    try:
+        runner.invoke(main, ["eval", "knn", "missing.pth", "--log-every", "12"])  # fails later: no such file
+        assert progress_module.get_log_every() == 12.0
+    finally:
+        set_log_every(progress_module.DEFAULT_LOG_EVERY)
+    assert "--data-pipeline [auto|cpu|gpu]" in runner.invoke(main, ["pretrain", "--help"]).output
