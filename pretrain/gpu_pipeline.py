@@ -6,10 +6,10 @@ decodes the JPEGs of a batch in one `torchvision.io.decode_jpeg` call on the dev
 `BatchedMocoAugment` (per-sample parameters, vectorised ops). The same code runs on CPU tensors, so the tests
 exercise it without a GPU.
 
-Files the device decoder should not get (PNG and other formats, grayscale or CMYK JPEGs, truncated JPEGs) are
-decoded in the worker with PIL, as the CPU pipeline does. A JPEG that still fails on the device is decoded on
-the CPU; one that no decoder reads is replaced by the next readable file of the dataset, so batches stay full,
-and its path is reported with the others that the epoch skipped.
+Files the device decoder should not get (PNG and other formats; grayscale, CMYK, progressive or truncated
+JPEGs) are decoded in the worker with PIL, as the CPU pipeline does. A JPEG that still fails on the device is
+decoded on the CPU; one that no decoder reads is replaced by the next readable file of the dataset, so batches
+stay full, and its path is reported with the others that the epoch skipped.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from .config import PretrainConfig
 if TYPE_CHECKING:
     from .gpu_augment import BatchedMocoAugment
 
-PIPELINES = ("auto", "cpu", "gpu")
 # Sequential Huffman frames, which nvjpeg batch-decodes (in hardware on A100/H100). Progressive ones it decodes
 # one by one with host work and a stream sync each, which the loader workers do better; the rest go to PIL too.
 _SOF_MARKERS = frozenset({0xC0, 0xC1})
