@@ -40,12 +40,13 @@ def _log_every_option(expose_value: bool = False):  # noqa: ANN202 - a click dec
 def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
     """Every option defaults to None so only what the user typed overrides the preset and --config."""
     opts = [
-        click.option("--preset", type=click.Choice(["mocov1", "mocov2", "mocov2-800ep", "digits"]),
-                     help="Recipe; default: digits without --data, mocov2 with it."),
+        click.option("--preset", type=click.Choice(["mocov1", "mocov2", "mocov2-800ep", "scattered-digits", "digits"]),
+                     help="Recipe; default: scattered-digits without a --data folder, mocov2 with one."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file of options (names as below, dashes or underscores)."),
         click.option("--data", type=click.Path(file_okay=False),
-                     help="Class-folder root (train/ used when present). Default: embedded digits."),
+                     help="Class-folder root (train/ used when present), or embedded:scattered-digits "
+                          "(the default) or embedded:digits."),
         click.option("--output", "-o", type=click.Path(file_okay=False), help="Checkpoint and log folder."),
         click.option("--resume", help="Checkpoint to continue from, or 'auto' for the newest in --output."),
         click.option("--arch", help="torchvision ResNet (resnet18 ... resnet152, resnext, wide_resnet)."),
@@ -67,6 +68,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--moco-t", type=float, help="Softmax temperature (v1 0.07, v2 0.2)."),
         click.option("--mlp/--no-mlp", default=None, help="2-layer MLP projection head (v2) or fc (v1)."),
         click.option("--aug-plus/--no-aug-plus", default=None, help="v2 augmentation with blur, or v1's."),
+        click.option("--symmetric/--no-symmetric", default=None,
+                     help="Symmetric loss: each view is also a query for the other's key (2 keys per image)."),
         click.option("--bn-splits", type=int, help="Single process: BN sub-batches imitating per-GPU BN."),
         click.option("--workers", "-j", type=int, help="Data-loading processes."),
         click.option("--seed", type=int),
@@ -143,7 +146,7 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 @_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="Folder with train/ and val/ class folders; default: the embedded digits set.")
+              help="Folder with train/ and val/ class folders, or embedded:NAME; default: the checkpoint's set.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="linear_eval", show_default=True,
               help="Where linear.json, linear_curve.png and the per-epoch state go.")
 @click.option("--cached", is_flag=True, help="Fast path: train the fc on cached center-crop features.")
@@ -199,7 +202,7 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
 @_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="Folder with train/ (gallery) and val/ (queries) class folders; default: embedded digits.")
+              help="Folder with train/ (gallery) and val/ (queries), or embedded:NAME; default: the checkpoint's set.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="knn_eval", show_default=True,
               help="Where knn.json and knn_gallery.png go.")
 @click.option("--k", "ks", type=str, default="10,20,100,200", show_default=True,

@@ -79,7 +79,7 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
     dev = pick_device(device)
     pb = load_pretrained_backbone(checkpoint, dev)
     transform = eval_transform(pb.image_size)
-    pair = make_datasets(data, transform, transform, pb.image_size)
+    pair = make_datasets(data or pb.embedded_data, transform, transform, pb.image_size)
     cache = FeatureCache(cache_dir) if use_cache else None
     feats = backbone_features(pb, pair, dev, cfg.batch_size, cfg.workers, cache)
     t_feat = time.perf_counter() - t0

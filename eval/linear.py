@@ -316,7 +316,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
     pb: PretrainedBackbone = load_pretrained_backbone(checkpoint, dev)
     faithful = cfg.mode == "faithful"
     train_tf = linear_train_transform(pb.image_size) if faithful else eval_transform(pb.image_size)
-    pair = make_datasets(data, train_tf, eval_transform(pb.image_size), pb.image_size)
+    pair = make_datasets(data or pb.embedded_data, train_tf, eval_transform(pb.image_size), pb.image_size)
     num_classes = len(pair.classes)
     meta = {"checkpoint": pb.fingerprint, "data": pair.root, "mode": cfg.mode, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": base_lr(cfg.batch_size, cfg.lr), "seed": cfg.seed}

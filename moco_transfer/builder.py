@@ -26,9 +26,10 @@ class MoCo(nn.Module):
         m: float = 0.999,
         T: float = 0.07,
         mlp: bool = False,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
-        self.K, self.m, self.T = K, m, T
+        self.K, self.m, self.T, self.symmetric = K, m, T, symmetric
         self.encoder_q = base_encoder(num_classes=dim)
         self.encoder_k = base_encoder(num_classes=dim)
         if mlp:
@@ -84,17 +85,36 @@ class MoCo(nn.Module):
         k_all = du.concat_all_gather(k)[inverse]
         return k_all[du.rank() * local:(du.rank() + 1) * local]
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = F.normalize(self.encoder_q(im_q), dim=1)
-        with torch.no_grad():
-            self.momentum_update_key_encoder()
-            shuffled, inverse = self._shuffle(im_k)
-            k = F.normalize(self.encoder_k(shuffled), dim=1)
-            k = self._unshuffle(k, inverse)
+    def _encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Keys of the (batch-shuffled) key views; the key encoder must already be momentum-updated."""
+        shuffled, inverse = self._shuffle(im_k)
+        return self._unshuffle(F.normalize(self.encoder_k(shuffled), dim=1), inverse)
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q, k = q.float(), k.float()
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         l_neg = q @ self.queue.clone().detach()
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        return torch.cat([l_pos, l_neg], dim=1) / self.T
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE logits (positive first) and labels (zeros).
+
+        Symmetric (the MoCo authors' CIFAR demo option): each view is also a query for the other's key, so
+        the rows of both directions are stacked (2N rows; their mean cross-entropy is the mean of the two
+        losses) and both key batches enter the queue, which must then hold a multiple of 2N.
+        """
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self.momentum_update_key_encoder()
+            k = self._encode_keys(im_k)
+        if not self.symmetric:
+            logits = self._logits(q, k)
+            self.dequeue_and_enqueue(k)
+        else:
+            q2 = F.normalize(self.encoder_q(im_k), dim=1)
+            with torch.no_grad():
+                k2 = self._encode_keys(im_q)
+            logits = torch.cat([self._logits(q, k), self._logits(q2, k2)], dim=0)
+            self.dequeue_and_enqueue(torch.cat([k, k2], dim=0))
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        self.dequeue_and_enqueue(k)
         return logits, labels

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 @contextmanager
@@ -30,6 +31,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """JSON through atomic_open: a crash never leaves half a result file. NaN is refused (not valid JSON)."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

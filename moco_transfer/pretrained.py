@@ -17,6 +17,7 @@ from torch import nn
 
 from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
 from .checkpoint import CheckpointError, load_checkpoint, query_encoder_state
+from .data import embedded_name
 from .fileio import describe_key_mismatch, sha256_file
 
 
@@ -32,6 +33,7 @@ class PretrainedBackbone:
     epoch: int | None
     path: Path
     fingerprint: str
+    embedded_data: str | None = None  # the embedded set it was pretrained on: the evaluators' default --data
 
 
 def _infer_arch(state: dict[str, torch.Tensor], small_images: bool, path: Path) -> str:
@@ -49,6 +51,14 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, pat
     if problems:
         raise CheckpointError(f"checkpoint {path}: query encoder under 'module.encoder_q.' does not match a {arch} "
                               f"backbone ({'; '.join(problems)}); refusing to evaluate a partly random network")
+
+
+def pretrained_on_embedded(config: dict[str, Any]) -> str | None:
+    """`embedded:NAME` when the run trained on an embedded set (checkpoints from before `embedded:` meant digits)."""
+    data = config.get("data")
+    if data is None:
+        return "embedded:digits" if config.get("preset") == "digits" else None
+    return str(data) if embedded_name(data) is not None else None
 
 
 def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str = "cpu") -> PretrainedBackbone:
@@ -80,4 +90,5 @@ def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str
     epoch = ckpt.get("epoch")
     return PretrainedBackbone(
         model=model, arch=arch, small_images=small, image_size=image_size, feature_dim=feature_dim(arch),
-        epoch=int(epoch) if isinstance(epoch, int | float) else None, path=path, fingerprint=sha256_file(path))
+        epoch=int(epoch) if isinstance(epoch, int | float) else None, path=path, fingerprint=sha256_file(path),
+        embedded_data=pretrained_on_embedded(config))

@@ -7,7 +7,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from moco_transfer import distributed as du
 from moco_transfer.augment import TwoCrops, moco_v1_augmentation, moco_v2_augmentation
-from moco_transfer.data import DataError, DigitsDataset, ImageFolderDataset, collate_with_skips, resolve_split
+from moco_transfer.data import (
+    DataError,
+    ImageFolderDataset,
+    collate_with_skips,
+    embedded_dataset,
+    embedded_name,
+    resolve_split,
+)
 
 from .config import PretrainConfig
 from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, collate_raw, resolve_pipeline, training_dtype
@@ -16,12 +23,12 @@ from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, colla
 def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = None) -> torch.utils.data.Dataset:
     """Augmented view pairs (CPU pipeline), or undecoded bytes / uint8 images for the device pipeline."""
     if resolve_pipeline(cfg, device or torch.device("cpu")) == "gpu":
-        if cfg.data is None:
-            return TensorImages(DigitsDataset("train", None, image_size=cfg.image_size))
+        if embedded_name(cfg.data) is not None:
+            return TensorImages(embedded_dataset(embedded_name(cfg.data), "train", None, cfg.image_size))
         return ImageBytesDataset(resolve_split(cfg.data, "train"))
     augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size, cfg.crop_min)
-    if cfg.data is None:
-        return DigitsDataset("train", TwoCrops(augmentation), image_size=cfg.image_size)
+    if embedded_name(cfg.data) is not None:
+        return embedded_dataset(embedded_name(cfg.data), "train", TwoCrops(augmentation), cfg.image_size)
     return ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation))
 
 

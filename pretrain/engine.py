@@ -26,17 +26,21 @@ from moco_transfer.checkpoint import (
     with_module_prefix,
     without_module_prefix,
 )
-from moco_transfer.fileio import atomic_open, describe_key_mismatch
+from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_atomic
 from moco_transfer.progress import progress, write
 
 from .config import ConfigError, PretrainConfig, save_resolved
+from .curves import save_pretrain_curves
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
-from .monitor import KnnMonitor
 from .gpu_pipeline import resolve_pipeline
+from .monitor import KnnMonitor
 from .schedule import lr_at_epoch
 
+CURVES_NAME = "curves.png"
+SUMMARY_NAME = "pretrain.json"
+
 # Fields that must agree between a checkpoint and the run resuming it.
-RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "batch_size")
+RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "batch_size", "symmetric")
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,7 +67,8 @@ def build_model(cfg: PretrainConfig) -> MoCo:
     if bn_splits > 1 and (cfg.batch_size % bn_splits):
         raise ConfigError(f"--bn-splits {bn_splits} must divide --batch-size {cfg.batch_size}")
     encoder = partial(build_resnet, cfg.arch, small_images=cfg.small_images, bn_splits=bn_splits)
-    return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp)
+    return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
+                symmetric=cfg.symmetric)
 
 
 def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -241,6 +246,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = KnnMonitor(cfg, device) if (cfg.knn_every or cfg.print_baseline) and du.is_main_process() else None
+    random_init_knn = _random_init_knn(cfg, monitor, device) if monitor is not None and cfg.print_baseline else None
     if du.is_main_process():
         save_resolved(cfg, out)
         _write_log(out, history)
@@ -275,21 +281,45 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         if du.is_main_process():
             ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out)
             _write_log(out, history)
+            _write_curves(cfg, out, history, random_init_knn)
         du.barrier()
     epochs_bar.close()
 
     summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(ckpt_path) if ckpt_path else None,
                                "last": history[-1] if history else None}
-    if monitor is not None and cfg.print_baseline:
+    if not du.is_main_process():
+        return summary
+    if monitor is not None:
         summary["knn_top1"] = history[-1].get("knn_top1") if history else None
         if summary["knn_top1"] is None:
             summary["knn_top1"] = round(monitor(model.encoder_q), 3)
+        summary.update(knn_top1_random_init=random_init_knn, knn_k=cfg.knn_k, knn_t=cfg.knn_t,
+                       knn_data=monitor.data_name)
+    write_json_atomic(summary, out / SUMMARY_NAME)
+    if random_init_knn is not None:
+        log(f"weighted kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on the held-out split: "
+            f"pretrained {summary['knn_top1']:.2f}%  vs  random weights {random_init_knn:.2f}%")
+    log(f"learning curves: {out / CURVES_NAME}; summary: {out / SUMMARY_NAME}; checkpoint: {ckpt_path}")
+    return summary
+
+
+def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device) -> float:
+    """kNN top-1 of the same architecture with random weights (seeded), measured once before training.
+
+    The global RNG is left as it was, so the training run draws what it would have drawn without it.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         random_encoder = build_resnet(cfg.arch, small_images=cfg.small_images).to(device)
-        summary["knn_top1_random_init"] = round(monitor(random_encoder), 3)
-        log(f"weighted kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on the held-out split: "
-            f"pretrained {summary['knn_top1']:.2f}%  vs  random weights {summary['knn_top1_random_init']:.2f}%")
-    return summary
+        return round(monitor(random_encoder), 3)
+
+
+def _write_curves(cfg: PretrainConfig, out: Path, history: list[dict[str, Any]],
+                  random_init_knn: float | None) -> None:
+    title = (f"MoCo {cfg.arch}, {cfg.data or 'embedded'}, {cfg.image_size}px, batch {cfg.batch_size}, "
+             f"K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}")
+    save_pretrain_curves(history, out / CURVES_NAME, title, chance_loss=math.log(cfg.moco_k + 1),
+                         random_init_knn=random_init_knn)
 
 
 def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -151,3 +151,26 @@ def test_small_image_stem():
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="--arch 'vgg16'"):
         build_resnet("vgg16")
+
+
+def test_symmetric_loss_stacks_both_directions_and_enqueues_both_key_batches():
+    """Rows 0..N-1: view 1 as query against view 2's key; rows N..2N-1 the other way; both key sets queued."""
+    model = tiny_moco(K=8, m=0.5, symmetric=True)
+    im1, im2 = torch.randn(2, 6), torch.randn(2, 6)
+    queue = model.queue.clone()
+    logits, labels = model(im1, im2)
+    # the momentum update ran once, before either key forward
+    enc = model.encoder_k
+    k1, k2 = F.normalize(enc(im1), dim=1), F.normalize(enc(im2), dim=1)
+    q1, q2 = F.normalize(model.encoder_q(im1), dim=1), F.normalize(model.encoder_q(im2), dim=1)
+    expected = torch.cat([
+        torch.cat([(q1 * k2).sum(1, keepdim=True), q1 @ queue], dim=1),
+        torch.cat([(q2 * k1).sum(1, keepdim=True), q2 @ queue], dim=1),
+    ]) / model.T
+    assert logits.shape == (4, 9) and torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert int(model.queue_ptr) == 4
+    assert torch.allclose(model.queue[:, :4], torch.cat([k2, k1]).T, atol=1e-6)
+    loss = F.cross_entropy(logits, labels)
+    halves = (F.cross_entropy(logits[:2], labels[:2]) + F.cross_entropy(logits[2:], labels[2:])) / 2
+    assert torch.allclose(loss, halves)

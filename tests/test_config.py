@@ -42,10 +42,19 @@ def test_lr_scales_linearly_with_batch_unless_given():
 
 
 def test_default_preset_depends_on_data(tmp_path):
-    assert resolve_config().preset == "digits"
+    assert resolve_config().preset == "scattered-digits"
     assert resolve_config(overrides={"data": str(tmp_path)}).preset == "mocov2"
-    digits = PRESETS["digits"]
-    assert digits["data"] is None and digits["moco_k"] % digits["batch_size"] == 0
+    assert resolve_config(overrides={"data": "embedded:digits"}).preset == "scattered-digits"
+    for name in ("digits", "scattered-digits"):
+        preset = PRESETS[name]
+        assert preset["data"] == f"embedded:{name}" and preset["moco_k"] % preset["batch_size"] == 0
+
+
+def test_symmetric_needs_a_queue_of_whole_double_batches():
+    assert resolve_config(overrides={"symmetric": True, "batch_size": 64, "moco_k": 1024}).symmetric
+    with pytest.raises(ConfigError, match="--moco-k 192 must be a multiple of 2 x --batch-size = 128 with "
+                                         "--symmetric"):
+        resolve_config(overrides={"symmetric": True, "batch_size": 64, "moco_k": 192})
 
 
 def test_schedules():

@@ -71,7 +71,7 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(train) + len(val) == 1797 and len(val) == 360
     assert sorted(set(train.targets)) == list(range(10))
     assert DigitsDataset("val").targets == val.targets
-    with pytest.raises(ValueError, match="digits split 'test'"):
+    with pytest.raises(ValueError, match="embedded split 'test'"):
         DigitsDataset("test")
 
 
