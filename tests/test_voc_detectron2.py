@@ -12,7 +12,7 @@ import pickle
 import pytest
 from click.testing import CliRunner
 
-from .voc_synthetic import TINY, write_moco_checkpoint, write_voc
+from .voc_synthetic import TINY, single_torch_thread, write_moco_checkpoint, write_voc  # noqa: F401
 
 pytest.importorskip("detectron2", reason="detectron2 not installed (no wheel for this Python; build it from "
                                          "source as docs/voc.md says)")

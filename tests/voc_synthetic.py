@@ -11,6 +11,7 @@ import random
 from functools import partial
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw
 
 TINY = [
@@ -23,6 +24,18 @@ TINY = [
     "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.PRECISE_BN.NUM_ITER", "1",
     "DATALOADER.NUM_WORKERS", "0",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """One intra-op thread in the detectron2 tests: on a busy 2-core machine two OpenMP threads wait on each other
+    (measured: a 4-iteration trial took 140 s and 28 s of CPU with 2 threads, 8-53 s and 7.5 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_moco_checkpoint(path: Path) -> Path:
