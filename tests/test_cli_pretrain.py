@@ -6,6 +6,7 @@ import json
 
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
 from moco_transfer.checkpoint import load_checkpoint
 from moco_transfer.cli import main
@@ -25,6 +26,13 @@ def test_pretrain_cli_end_to_end_with_config_file(tiny_folder, tmp_path):
     record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert record["epoch"] == 1 and "knn_top1" in record
     assert load_checkpoint(out / "checkpoint_0000.pth.tar")["config"]["seed"] == 3
+    summary = json.loads((out / "pretrain.json").read_text())
+    assert summary["knn_top1"] == record["knn_top1"] and 0.0 <= summary["knn_top1_random_init"] <= 100.0
+    assert (summary["knn_k"], summary["knn_t"]) == (5, 0.07) and summary["checkpoint"].endswith("0000.pth.tar")
+    assert f"random weights {summary['knn_top1_random_init']:.2f}%" in result.output
+    curves = out / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(curves) in result.output
+    assert Image.open(curves).size == (900, 600)
 
 
 def test_pretrain_cli_bad_inputs(tmp_path):
