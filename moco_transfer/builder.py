@@ -42,6 +42,9 @@ class MoCo(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self._params_q = list(self.encoder_q.parameters())
         self._params_k = list(self.encoder_k.parameters())
+        # Host copy of queue_ptr: reading the buffer every step would wait for the GPU (a sync per step).
+        self._host_ptr: int | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_host_ptr", None))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - keeps the cached parameter lists valid after .to()
         out = super()._apply(fn, recurse)
@@ -58,11 +61,14 @@ class MoCo(nn.Module):
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         keys = du.concat_all_gather(keys).to(self.queue.dtype)
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        if self._host_ptr is None:
+            self._host_ptr = int(self.queue_ptr)
+        ptr = self._host_ptr
         if self.K % batch_size:
             raise ValueError(f"queue size K={self.K} must be a multiple of the global batch {batch_size}")
         self.queue[:, ptr:ptr + batch_size] = keys.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        self._host_ptr = (ptr + batch_size) % self.K
+        self.queue_ptr.fill_(self._host_ptr)
 
     @torch.no_grad()
     def _shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,3 +174,14 @@ def test_symmetric_loss_stacks_both_directions_and_enqueues_both_key_batches():
     loss = F.cross_entropy(logits, labels)
     halves = (F.cross_entropy(logits[:2], labels[:2]) + F.cross_entropy(logits[2:], labels[2:])) / 2
     assert torch.allclose(loss, halves)
+
+
+def test_queue_pointer_follows_a_loaded_state_dict():
+    """The pointer is kept on the host (no GPU sync per step) and re-read after load_state_dict."""
+    model = tiny_moco()
+    model.dequeue_and_enqueue(F.normalize(torch.randn(4, 4), dim=1))
+    state = tiny_moco().state_dict()  # pointer 0
+    model.load_state_dict(state)
+    keys = F.normalize(torch.randn(4, 4), dim=1)
+    model.dequeue_and_enqueue(keys)
+    assert int(model.queue_ptr) == 4 and torch.equal(model.queue[:, :4], keys.T)
