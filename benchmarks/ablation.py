@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--output", default="runs/ablation", help="Folder of the runs and their evaluations.")
     parser.add_argument("--page", default="docs/ablation.md", help="The Markdown page to write.")
     parser.add_argument("--quick", action="store_true", help="Tiny runs (2 rows, 1 seed, 1 epoch): smoke test.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Train nothing: write the page from the runs already finished under --output.")
     args = parser.parse_args()
 
     rows = ROWS[::5] if args.quick else ROWS
@@ -74,6 +76,8 @@ def main() -> None:
             if "--no-cos" in switches:
                 total = epochs or 20
                 schedule = [x for frac in (0.6, 0.8) for x in ("--schedule", str(max(1, round(frac * total))))]
+            if args.report_only and not (run / "linear" / "linear.json").is_file():
+                continue
             if not (run / "pretrain.json").is_file():
                 moco("pretrain", "-o", str(run), "--seed", str(seed), *switches, *schedule, *extra,
                      *(["--epochs", str(epochs)] if epochs else []))
@@ -93,9 +97,11 @@ def main() -> None:
         "# The MoCo v2 ablation in miniature (embedded scattered digits)",
         "",
         f"Command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{platform.system()}, Python {platform.python_version()}; wall time {wall / 60:.1f} min "
-        f"({len(rows)} rows x {seeds} seeds, pretraining plus kNN (k={args.knn_k}) and cached linear probe "
-        f"({linear_epochs} epochs)).",
+        f"{platform.system()}, Python {platform.python_version()}; "
+        + ("the runs finished before the page was written (--report-only); " if args.report_only
+           else f"wall time {wall / 60:.1f} min; ")
+        + f"{len(rows)} rows x {seeds} seeds, pretraining plus kNN (k={args.knn_k}) and cached linear probe "
+        f"({linear_epochs} epochs).",
         "",
         "The tech report's ImageNet linear top-1 for each row (ResNet-50, 200 epochs):",
         "",
