@@ -1,4 +1,4 @@
-"""Shared fixtures: small image folders written by the tests themselves."""
+"""Shared fixtures: small image folders, a MoCo checkpoint and a VOC tree written by the tests themselves."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from . import voc_synthetic
 
 
 def write_class_folders(root: Path, classes: int = 2, per_class: int = 16, size: int = 24, seed: int = 0) -> Path:
@@ -32,3 +34,14 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_class_folders(root / "train", per_class=16, seed=0)
     write_class_folders(root / "val", per_class=8, seed=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(tmp_path_factory):
+    """A random-weights MoCo v2 ResNet-50 checkpoint, shared by the tests of one module."""
+    return voc_synthetic.write_moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    return voc_synthetic.write_voc(tmp_path_factory.mktemp("VOCdevkit"))

@@ -20,16 +20,6 @@ pytest.importorskip("detectron2", reason="detectron2 not installed (no wheel for
 from moco_transfer.cli import main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def moco_checkpoint(tmp_path_factory):
-    return write_moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar")
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    return write_voc(tmp_path_factory.mktemp("VOCdevkit"))
-
-
 def _run(args):
     return CliRunner().invoke(main, ["eval", "voc", *args], catch_exceptions=False)
 

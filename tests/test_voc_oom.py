@@ -28,16 +28,6 @@ from moco_transfer.eval.voc_train import register_voc, trainer_class  # noqa: E4
 from moco_transfer.eval.voc_trials import TrialState, trial_state  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def moco_checkpoint(tmp_path_factory):
-    return write_moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar")
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    return write_voc(tmp_path_factory.mktemp("VOCdevkit"))
-
-
 def _run(args):
     return CliRunner().invoke(main, ["eval", "voc", *args], catch_exceptions=False)
 

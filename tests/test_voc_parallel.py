@@ -37,16 +37,6 @@ if "moco_transfer.eval.voc_train" in sys.orig_argv and any("trial_1" in a for a 
 '''
 
 
-@pytest.fixture(scope="module")
-def moco_checkpoint(tmp_path_factory):
-    return write_moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_0000.pth.tar")
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    return write_voc(tmp_path_factory.mktemp("VOCdevkit"))
-
-
 def test_parallel_trials_bookkeeping_oom_and_resume(moco_checkpoint, voc_root, tmp_path, monkeypatch):
     inject = tmp_path / "inject"
     inject.mkdir()
