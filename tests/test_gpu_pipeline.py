@@ -4,12 +4,6 @@ full batches, training dtype/layout, per-epoch determinism and resume after SIGK
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +12,6 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco_transfer.checkpoint import find_latest, load_checkpoint
 from moco_transfer.pretrain.config import ConfigError, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
 from moco_transfer.pretrain.gpu_pipeline import (
@@ -29,6 +22,8 @@ from moco_transfer.pretrain.gpu_pipeline import (
     device_decodable,
     resolve_pipeline,
 )
+
+from .test_pretrain_engine import kill_and_resume_matches_straight_run
 
 CPU = torch.device("cpu")
 TINY = dict(arch="resnet18", small_images=True, image_size=16, batch_size=8, moco_k=32, bn_splits=2,
@@ -178,49 +173,10 @@ def test_pipeline_choice():
         resolve_config("mocov2", overrides={"data": "x", "log_every": -1.0})
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "moco_transfer.cli", "pretrain", *args]
-
-
-def _tiny_args(data: Path, out: Path, epochs: int) -> list[str]:
-    return ["--data", str(data), "--output", str(out), "--arch", "resnet18", "--small-images",
-            "--image-size", "16", "--batch-size", "8", "--moco-k", "32", "--bn-splits", "2", "-j", "0",
-            "--epochs", str(epochs), "--moco-m", "0.99", "--seed", "3", "--data-pipeline", "gpu"]
-
-
-def read_log(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run_on_the_device_pipeline(tmp_path):
     data = write_jpeg_folders(tmp_path / "data", classes=2, per_class=23)  # 48 files: 6 steps per epoch
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    done = subprocess.run(_cli(*_tiny_args(data, straight, 4), "--log-every", "0.05"), check=True, env=env,
-                          capture_output=True, text=True)
+    done = kill_and_resume_matches_straight_run(data, tmp_path, "--data-pipeline", "gpu", "--log-every", "0.05")
     # Output to a pipe is not a terminal: plain progress lines, no carriage-return redraws.
     assert "\r" not in done.stdout + done.stderr
     assert "epoch 1/4: " in done.stderr and '"epoch": 4' in done.stdout
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*_tiny_args(data, killed, 4)), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (killed / "checkpoint_0001.pth.tar").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 3 (or in the middle of its save)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    latest = find_latest(killed)
-    assert latest is not None and load_checkpoint(latest)["epoch"] in (2, 3)
-    subprocess.run(_cli(*_tiny_args(data, killed, 4), "--resume", "auto"), check=True, env=env,
-                   capture_output=True)
-    a, b = read_log(straight), read_log(killed)
-    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b, strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
-        assert rb["acc1"] == pytest.approx(ra["acc1"], abs=1e-3)
-    sa = load_checkpoint(straight / "checkpoint_0003.pth.tar")["state_dict"]
-    sb = load_checkpoint(killed / "checkpoint_0003.pth.tar")["state_dict"]
-    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)

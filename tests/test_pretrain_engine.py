@@ -69,15 +69,18 @@ def _tiny_args(data: Path, out: Path, epochs: int) -> list[str]:
             "--epochs", str(epochs), "--moco-m", "0.99", "--seed", "3"]
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    data = write_class_folders(tmp_path / "data", classes=2, per_class=24)  # 6 steps per epoch
+def kill_and_resume_matches_straight_run(data: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run 4 epochs straight; run again, SIGKILL it in epoch 3, `--resume auto`: the same losses and weights.
+
+    Returns the straight run (its output captured as text) for checks of what it printed.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    subprocess.run(_cli(*_tiny_args(data, straight, 4)), check=True, env=env, capture_output=True)
+    done = subprocess.run(_cli(*_tiny_args(data, straight, 4), *extra), check=True, env=env, capture_output=True,
+                          text=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*_tiny_args(data, killed, 4)), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(*_tiny_args(data, killed, 4), *extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (killed / "checkpoint_0001.pth.tar").exists():
@@ -87,7 +90,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     latest = find_latest(killed)
     assert latest is not None and load_checkpoint(latest)["epoch"] in (2, 3)
-    subprocess.run(_cli(*_tiny_args(data, killed, 4), "--resume", "auto"), check=True, env=env,
+    subprocess.run(_cli(*_tiny_args(data, killed, 4), *extra, "--resume", "auto"), check=True, env=env,
                    capture_output=True)
     a, b = read_log(straight), read_log(killed)
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
@@ -97,6 +100,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     sa = load_checkpoint(straight / "checkpoint_0003.pth.tar")["state_dict"]
     sb = load_checkpoint(killed / "checkpoint_0003.pth.tar")["state_dict"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+    return done
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    data = write_class_folders(tmp_path / "data", classes=2, per_class=24)  # 6 steps per epoch
+    kill_and_resume_matches_straight_run(data, tmp_path)
 
 
 def test_atomic_save_leaves_previous_file_intact(tmp_path):
