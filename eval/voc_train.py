@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from moco_transfer.detectron2_ext import register
+from moco_transfer.fileio import write_json_atomic
 
 from .voc_layout import VOC_SPLITS, our_name, voc_names
-from .voc_trials import PROGRESS_FILE, write_json_atomic, write_metrics
+from .voc_trials import PROGRESS_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
 TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)

@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from moco_transfer.fileio import atomic_open
+from moco_transfer.fileio import atomic_open, write_json_atomic
 
 from .voc_schedule import Projection
 
@@ -72,13 +72,6 @@ def trial_state(folder: str | os.PathLike) -> TrialState:
     if (folder / "last_checkpoint").is_file():
         return TrialState.INTERRUPTED
     return TrialState.NEW
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """JSON via a temporary file and rename, so a crash never leaves half a metrics or summary file."""
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-        f.write("\n")
 
 
 def _write_text_atomic(text: str, path: Path) -> None:

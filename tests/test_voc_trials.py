@@ -31,9 +31,9 @@ from moco_transfer.eval.voc_trials import (
     trial_seed,
     trial_state,
     update_run,
-    write_json_atomic,
     write_metrics,
 )
+from moco_transfer.fileio import write_json_atomic
 
 from .voc_synthetic import write_voc
 
