@@ -22,13 +22,14 @@ from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, colla
 
 def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = None) -> torch.utils.data.Dataset:
     """Augmented view pairs (CPU pipeline), or undecoded bytes / uint8 images for the device pipeline."""
+    embedded = embedded_name(cfg.data)
     if resolve_pipeline(cfg, device or torch.device("cpu")) == "gpu":
-        if embedded_name(cfg.data) is not None:
-            return TensorImages(embedded_dataset(embedded_name(cfg.data), "train", None, cfg.image_size))
+        if embedded is not None:
+            return TensorImages(embedded_dataset(embedded, "train", None, cfg.image_size))
         return ImageBytesDataset(resolve_split(cfg.data, "train"))
     augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size, cfg.crop_min)
-    if embedded_name(cfg.data) is not None:
-        return embedded_dataset(embedded_name(cfg.data), "train", TwoCrops(augmentation), cfg.image_size)
+    if embedded is not None:
+        return embedded_dataset(embedded, "train", TwoCrops(augmentation), cfg.image_size)
     return ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation))
 
 
