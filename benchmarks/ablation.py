@@ -16,6 +16,7 @@ Finished runs are skipped when the script is started again (their pretrain.json,
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import platform
 import shlex
@@ -37,11 +38,22 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def moco(*args: str) -> None:
-    """One `moco` command in a fresh process, so every run starts from the same interpreter state."""
+def moco(*args: str, log: Path | None = None, threads: int | None = None) -> None:
+    """One `moco` command in a fresh process, so every run starts from the same interpreter state.
+
+    With `log` its output goes to that file (parallel jobs), with `threads` it gets that many torch threads.
+    """
     cmd = [sys.executable, "-m", "moco_transfer.cli", *args]
     print("$ moco " + shlex.join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    if log is None:
+        subprocess.run(cmd, check=True, env=env)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if result.returncode:
+        raise RuntimeError(f"moco {shlex.join(args)} failed (exit {result.returncode}); see {log}")
 
 
 def slug(name: str) -> str:
@@ -57,6 +69,9 @@ def main() -> None:
     parser.add_argument("--output", default="runs/ablation", help="Folder of the runs and their evaluations.")
     parser.add_argument("--page", default="docs/ablation.md", help="The Markdown page to write.")
     parser.add_argument("--quick", action="store_true", help="Tiny runs (2 rows, 1 seed, 1 epoch): smoke test.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Runs in parallel, each with (CPU cores / jobs) torch threads and its output in "
+                             "<run>/log.txt.")
     parser.add_argument("--report-only", action="store_true",
                         help="Train nothing: write the page from the runs already finished under --output.")
     args = parser.parse_args()
@@ -68,7 +83,23 @@ def main() -> None:
     extra = ["--image-size", "16", "--batch-size", "32", "--moco-k", "256", "--bn-splits", "2", "--workers", "0",
              "--knn-every", "0"] if args.quick else []
     out = Path(args.output)
-    start = time.perf_counter()
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def run_one(run: Path, seed: int, switches: list[str], schedule: list[str]) -> None:
+        log = run / "log.txt" if jobs > 1 else None
+        if not (run / "pretrain.json").is_file():
+            moco("pretrain", "-o", str(run), "--seed", str(seed), *switches, *schedule, *extra,
+                 *(["--epochs", str(epochs)] if epochs else []), log=log, threads=threads)
+        ckpt = max(run.glob("checkpoint_*.pth.tar"))
+        if not (run / "knn" / "knn.json").is_file():
+            moco("eval", "knn", str(ckpt), "-o", str(run / "knn"), "--k", str(args.knn_k), "--no-cache",
+                 "--workers", "0", log=log, threads=threads)
+        if not (run / "linear" / "linear.json").is_file():
+            moco("eval", "linear", str(ckpt), "--cached", "--epochs", str(linear_epochs), "-o",
+                 str(run / "linear"), "--no-cache", "--workers", "0", "--seed", str(seed), log=log, threads=threads)
+
+    tasks = []
     for name, _, switches in rows:
         for seed in range(seeds):
             run = out / f"{slug(name)}_seed{seed}"
@@ -78,16 +109,12 @@ def main() -> None:
                 schedule = [x for frac in (0.6, 0.8) for x in ("--schedule", str(max(1, round(frac * total))))]
             if args.report_only and not (run / "linear" / "linear.json").is_file():
                 continue
-            if not (run / "pretrain.json").is_file():
-                moco("pretrain", "-o", str(run), "--seed", str(seed), *switches, *schedule, *extra,
-                     *(["--epochs", str(epochs)] if epochs else []))
-            ckpt = max(run.glob("checkpoint_*.pth.tar"))
-            if not (run / "knn" / "knn.json").is_file():
-                moco("eval", "knn", str(ckpt), "-o", str(run / "knn"), "--k", str(args.knn_k), "--no-cache",
-                     "--workers", "0")
-            if not (run / "linear" / "linear.json").is_file():
-                moco("eval", "linear", str(ckpt), "--cached", "--epochs", str(linear_epochs), "-o",
-                     str(run / "linear"), "--no-cache", "--workers", "0", "--seed", str(seed))
+            if not args.report_only:
+                tasks.append((run, seed, switches, schedule))
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(run_one, *task) for task in tasks]):
+            future.result()
     wall = time.perf_counter() - start
 
     table_md = Path(args.page).with_suffix(".table.md")

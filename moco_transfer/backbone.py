@@ -37,7 +37,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         running_var = self.running_var.repeat(s)
         out = F.batch_norm(
             x.reshape(-1, c * s, h, w), running_mean, running_var,
-            self.weight.repeat(s), self.bias.repeat(s),
+            self.weight.repeat(s) if self.affine else None, self.bias.repeat(s) if self.affine else None,
             True, self.momentum if self.momentum is not None else 0.1, self.eps,
         ).reshape(n, c, h, w)
         with torch.no_grad():
@@ -48,6 +48,22 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+class HeadBatchNorm(SplitBatchNorm):
+    """BN without affine on the projection head's output (MoCo v3's projector ends the same way).
+
+    It centres and scales every output dimension over the (sub-)batch, so the outputs share no common
+    component. Without it, at small scale that component drifts from step to step: keys made by the current
+    key encoder then stand out from the older keys in the queue by freshness alone, and the loss rewards the
+    drift instead of content (docs/small_scale.md). Sub-batches follow the backbone's split BN.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1) -> None:
+        super().__init__(num_features, num_splits, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, None, None]).flatten(1)
 
 
 def build_resnet(
@@ -78,6 +94,16 @@ def add_mlp_head(encoder: nn.Module) -> nn.Module:
     """MoCo v2 head: fc becomes Linear(d, d) -> ReLU -> old fc, keys `fc.0.*` and `fc.2.*` as officially."""
     dim_mlp = encoder.fc.weight.shape[1]
     encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(inplace=True), encoder.fc)
+    return encoder
+
+
+def add_head_norm(encoder: nn.Module, norm: nn.Module) -> nn.Module:
+    """Append `norm` to the head (MLP or v1's fc); the head's own keys keep their official names.
+
+    A plain fc becomes `fc.0`, so an output norm changes v1 key names; the converters drop the head anyway.
+    """
+    layers = list(encoder.fc) if isinstance(encoder.fc, nn.Sequential) else [encoder.fc]
+    encoder.fc = nn.Sequential(*layers, norm)
     return encoder
 
 

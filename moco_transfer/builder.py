@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as du
-from .backbone import add_mlp_head
+from .backbone import add_head_norm, add_mlp_head
 
 
 class MoCo(nn.Module):
@@ -27,7 +27,9 @@ class MoCo(nn.Module):
         T: float = 0.07,
         mlp: bool = False,
         symmetric: bool = False,
+        head_norm: Callable[[int], nn.Module] | None = None,
     ) -> None:
+        """`head_norm(dim)`, when given, makes a norm layer that ends both heads (e.g. `HeadBatchNorm`)."""
         super().__init__()
         self.K, self.m, self.T, self.symmetric = K, m, T, symmetric
         self.encoder_q = base_encoder(num_classes=dim)
@@ -35,6 +37,9 @@ class MoCo(nn.Module):
         if mlp:
             add_mlp_head(self.encoder_q)
             add_mlp_head(self.encoder_k)
+        if head_norm is not None:
+            add_head_norm(self.encoder_q, head_norm(dim))
+            add_head_norm(self.encoder_k, head_norm(dim))
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
             param_k.data.copy_(param_q.data)
             param_k.requires_grad = False

@@ -93,11 +93,16 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
-    """The embedded sets' fixed stratified split: 80% train, 20% val, or all; the same digits in both sets."""
+    """The embedded sets' fixed stratified split: 80% train, 20% val, or all; the same digits in both sets.
+
+    "pretrain" is the train digits, as a set draws them for pretraining (see ScatteredDigitsDataset).
+    """
     from sklearn.model_selection import train_test_split
 
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"embedded split {split!r}: expected train, val or all")
+    if split not in ("train", "val", "all", "pretrain"):
+        raise ValueError(f"embedded split {split!r}: expected train, val, all or pretrain")
+    if split == "pretrain":
+        split = "train"
     if split == "all":
         return np.arange(len(labels))
     idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels)
@@ -143,10 +148,13 @@ class DigitsDataset(InMemoryDataset):
 class SceneStyle:
     """How a scattered digit is drawn: its scale range and the colours that aug+ randomises anyway.
 
-    Every per-image factor is one that MoCo's views randomise again: position and scale (RandomResizedCrop),
-    brightness/contrast/saturation within ColorJitter's 0.4 and hue within its 0.1, grayscale with p 0.2,
-    horizontal flip with p 0.5. So no per-image cue survives the augmentation as a shortcut, while pixels
-    (and random-weights features) are dominated by these factors rather than by the digit's shape.
+    Every per-image factor of the evaluation drawings is one that MoCo's views vary: position and scale
+    (RandomResizedCrop), brightness/contrast/saturation within ColorJitter's 0.4 and hue within its 0.1,
+    grayscale with p 0.2. No mirror (`flip` 0): a mirrored digit is another glyph, and the preset's views do
+    not mirror either. Pixels, and random-weights features, are dominated by these factors rather than by
+    the digit's shape. Pretraining sees the canonical drawing instead: the glyph centred at
+    `canonical_scale` of the canvas in the base colours, so the only thing that tells two training images
+    apart is the digit's own shape and no per-image nuisance can serve MoCo as a shortcut.
     """
 
     scale: tuple[float, float] = (0.4, 1.0)         # glyph side as a fraction of the canvas, log-uniform
@@ -155,7 +163,8 @@ class SceneStyle:
     jitter: float = 0.4                              # brightness, contrast, saturation factors in 1 +- jitter
     hue: float = 0.1
     grayscale: float = 0.2
-    flip: float = 0.5
+    flip: float = 0.0
+    canonical_scale: float = 0.7                     # glyph side in the pretraining drawings
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,14 @@ def draw_scene_params(n: int, canvas: int, seed: int = 0, style: SceneStyle = Sc
         gray=rng.random(n) < style.grayscale,
         flip=rng.random(n) < style.flip,
     )
+
+
+def canonical_params(n: int, canvas: int, style: SceneStyle = SceneStyle()) -> SceneParams:
+    """The pretraining drawing's factors: glyph centred at `style.canonical_scale`, base colours, no mirror."""
+    side = int(np.clip(round(canvas * style.canonical_scale), 4, canvas))
+    return SceneParams(
+        sides=np.full(n, side), corners=np.full((n, 2), (canvas - side) // 2), factors=np.ones((n, 3)),
+        hues=np.zeros(n), orders=np.tile(np.arange(4), (n, 1)), gray=np.zeros(n, bool), flip=np.zeros(n, bool))
 
 
 def jitter_colours(image: Image.Image, params: SceneParams, i: int) -> Image.Image:
@@ -227,7 +244,8 @@ class ScatteredDigitsDataset(InMemoryDataset):
 
     Made on the fly (no download; about a second). A random-weights ResNet's kNN top-1 drops from about 94%
     on the plain digits to about 20% here, so what pretraining learns shows. The split is the plain digits'
-    (val digits are never in train); `seed` picks the drawing, not the split.
+    (val digits are never in train); `seed` picks the drawing, not the split. The "pretrain" split holds the
+    train digits' canonical drawings (see SceneStyle): MoCo's views must create the variation themselves.
     """
 
     def __init__(self, split: str = "train", transform: Callable | None = None, image_size: int = 32,
@@ -235,8 +253,11 @@ class ScatteredDigitsDataset(InMemoryDataset):
         glyphs, labels = digits_arrays()
         keep = split_indices(labels, split)
         self.root = Path(f"<embedded scattered-digits:{split}>")
-        self.images = render_scattered_digits(glyphs, image_size, seed, style)
-        self.images = [self.images[i] for i in keep]
+        if split == "pretrain":
+            self.images = draw_digits(glyphs[keep], image_size, canonical_params(len(keep), image_size, style), style)
+        else:
+            self.images = render_scattered_digits(glyphs, image_size, seed, style)
+            self.images = [self.images[i] for i in keep]
         self.targets = labels[keep].tolist()
         self.classes = [str(c) for c in range(10)]
         self.transform = transform

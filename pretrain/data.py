@@ -25,11 +25,12 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
     embedded = embedded_name(cfg.data)
     if resolve_pipeline(cfg, device or torch.device("cpu")) == "gpu":
         if embedded is not None:
-            return TensorImages(embedded_dataset(embedded, "train", None, cfg.image_size))
+            return TensorImages(embedded_dataset(embedded, "pretrain", None, cfg.image_size))
         return ImageBytesDataset(resolve_split(cfg.data, "train"))
-    augmentation = (moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation)(cfg.image_size, cfg.crop_min)
+    make_augmentation = moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation
+    augmentation = make_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
     if embedded is not None:
-        return embedded_dataset(embedded, "train", TwoCrops(augmentation), cfg.image_size)
+        return embedded_dataset(embedded, "pretrain", TwoCrops(augmentation), cfg.image_size)
     return ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation))
 
 
@@ -62,7 +63,7 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     from .gpu_augment import BatchedMocoAugment
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    augment = BatchedMocoAugment(cfg.image_size, crop_min=cfg.crop_min, aug_plus=cfg.aug_plus,
+    augment = BatchedMocoAugment(cfg.image_size, crop_min=cfg.crop_min, aug_plus=cfg.aug_plus, flip=cfg.flip,
                                  out_dtype=training_dtype(cfg), memory_format=memory_format)
     return DevicePipeline(loader, augment, device)
 

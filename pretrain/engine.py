@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_transfer import distributed as du
-from moco_transfer.backbone import build_resnet
+from moco_transfer.backbone import HeadBatchNorm, build_resnet
 from moco_transfer.builder import MoCo
 from moco_transfer.checkpoint import (
     CheckpointError,
@@ -40,7 +40,7 @@ CURVES_NAME = "curves.png"
 SUMMARY_NAME = "pretrain.json"
 
 # Fields that must agree between a checkpoint and the run resuming it.
-RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "batch_size", "symmetric")
+RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "head_bn", "batch_size", "symmetric")
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,8 +67,9 @@ def build_model(cfg: PretrainConfig) -> MoCo:
     if bn_splits > 1 and (cfg.batch_size % bn_splits):
         raise ConfigError(f"--bn-splits {bn_splits} must divide --batch-size {cfg.batch_size}")
     encoder = partial(build_resnet, cfg.arch, small_images=cfg.small_images, bn_splits=bn_splits)
+    head_norm = partial(HeadBatchNorm, num_splits=bn_splits) if cfg.head_bn else None
     return MoCo(encoder, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
-                symmetric=cfg.symmetric)
+                symmetric=cfg.symmetric, head_norm=head_norm)
 
 
 def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -252,8 +253,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         _write_log(out, history)
         log(f"MoCo pretraining: {cfg.arch}, {len(dataset)} images, {len(loader)} steps/epoch, "
             f"batch {cfg.batch_size} on {du.world_size()} process(es), lr {cfg.effective_lr:.4g}, "
-            f"K {cfg.moco_k}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head, "
-            f"{'aug+' if cfg.aug_plus else 'v1 aug'}, {'cosine' if cfg.cos else 'step'} lr, device {device}, "
+            f"K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head"
+            f"{' + BN' if cfg.head_bn else ''}, {'aug+' if cfg.aug_plus else 'v1 aug'} (crops >= {cfg.crop_min:g}"
+            f"{'' if cfg.flip else ', no mirror'}), {'cosine' if cfg.cos else 'step'} lr, device {device}, "
             f"{resolve_pipeline(cfg, device)} data pipeline")
 
     ckpt_path = find_latest(out) if start_epoch else None

@@ -112,7 +112,7 @@ class BatchedMocoAugment:
     #: result is within about 0.1 of a 0-255 level, see the tests), float32 elsewhere.
     resize_dtype: torch.dtype | None = None
 
-    def __init__(self, image_size: int, crop_min: float = 0.2, aug_plus: bool = True,
+    def __init__(self, image_size: int, crop_min: float = 0.2, aug_plus: bool = True, flip: bool = True,
                  out_dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
         if not isinstance(image_size, int) or image_size < 1:
@@ -135,7 +135,7 @@ class BatchedMocoAugment:
         self.jitter_high = (1.4, 1.4, 1.4, hue)
         self.jitter_p = 0.8 if aug_plus else 1.0
         self.gray_p = 0.2
-        self.flip_p = 0.5
+        self.flip_p = 0.5 if flip else 0.0
         self.blur_p = 0.5 if aug_plus else 0.0
         sigma_scale = image_size / 224
         self.blur_sigma = (BLUR_SIGMA[0] * sigma_scale, BLUR_SIGMA[1] * sigma_scale)
@@ -144,7 +144,8 @@ class BatchedMocoAugment:
 
     def __repr__(self) -> str:
         return (f"BatchedMocoAugment(image_size={self.image_size}, crop_min={self.crop_min}, "
-                f"aug_plus={self.aug_plus}, out_dtype={self.out_dtype}, memory_format={self.memory_format})")
+                f"aug_plus={self.aug_plus}, flip={self.flip_p > 0}, out_dtype={self.out_dtype}, "
+                f"memory_format={self.memory_format})")
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """One augmented view per image: (B,3,S,S) normalised, in out_dtype and memory_format, same device."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_transfer.backbone import SplitBatchNorm, add_mlp_head, build_resnet
+from moco_transfer.backbone import HeadBatchNorm, SplitBatchNorm, add_mlp_head, build_resnet
 from moco_transfer.builder import MoCo
 
 
@@ -137,6 +137,25 @@ def test_mlp_head_layout_matches_official_keys():
     assert sd["queue"].shape == (128, 256) and sd["queue_ptr"].shape == (1,)
     v1 = MoCo(partial(build_resnet, "resnet18"), dim=128, K=256, mlp=False).state_dict()
     assert v1["encoder_q.fc.weight"].shape == (128, 512)
+
+
+def test_head_bn_centres_each_sub_batch_and_keeps_the_official_head_keys():
+    """BN without affine ends both heads; per sub-batch every output dimension has mean 0 and variance 1."""
+    model = MoCo(partial(build_resnet, "resnet18", small_images=True, bn_splits=2), dim=16, K=32, mlp=True,
+                 head_norm=partial(HeadBatchNorm, num_splits=2))
+    sd = model.state_dict()
+    assert sd["encoder_q.fc.0.weight"].shape == (512, 512) and sd["encoder_q.fc.2.weight"].shape == (16, 512)
+    assert "encoder_q.fc.3.running_mean" in sd and "encoder_q.fc.3.weight" not in sd  # no affine
+    out = model.encoder_q(torch.randn(8, 3, 16, 16) + torch.linspace(0, 3, 8)[:, None, None, None])
+    for j in range(2):
+        half = out[j::2]
+        assert torch.allclose(half.mean(0), torch.zeros(16), atol=1e-5)
+        assert torch.allclose(half.var(0, unbiased=False), torch.ones(16), atol=0.02)  # eps 1e-5 in the denominator
+    v1 = MoCo(LinearEncoder, dim=4, K=8, mlp=False, head_norm=HeadBatchNorm)
+    sd = v1.state_dict()
+    assert sd["encoder_q.fc.0.weight"].shape == (4, 6) and "encoder_k.fc.1.running_var" in sd
+    logits, _ = v1(torch.randn(4, 6), torch.randn(4, 6))
+    assert logits.shape == (4, 9) and torch.isfinite(logits).all()
 
 
 def test_add_mlp_head_uses_encoder_width():

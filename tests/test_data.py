@@ -103,6 +103,13 @@ def test_corrupt_images_are_replaced_and_reported(tmp_path):
     assert len(reported) == 2
 
 
+@pytest.mark.parametrize("make", [moco_v2_augmentation, moco_v1_augmentation])
+def test_flip_false_drops_only_the_mirror(make):
+    with_flip, without = make(16), make(16, flip=False)
+    assert _find(with_flip, T.RandomHorizontalFlip) and not _find(without, T.RandomHorizontalFlip)
+    assert len(with_flip.transforms) == len(without.transforms) + 1
+
+
 def test_small_crops_scale_blur_and_take_crop_min():
     aug = moco_v2_augmentation(16, crop_min=0.5)
     assert _find(aug, T.RandomResizedCrop)[0].scale == (0.5, 1.0)

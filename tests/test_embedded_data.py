@@ -19,6 +19,7 @@ from moco_transfer.data import (
     jitter_colours,
     make_datasets,
     render_scattered_digits,
+    split_indices,
 )
 
 CANVAS = 24
@@ -40,7 +41,7 @@ def test_same_seed_same_images_other_seed_other_images(glyphs: np.ndarray) -> No
 
 def test_factor_ranges_are_those_of_aug_plus() -> None:
     """Scale log-uniform in the style's range, positions covering the canvas, colour factors inside ColorJitter's."""
-    style = SceneStyle()
+    style = SceneStyle(flip=0.5)
     p = draw_scene_params(4000, CANVAS, seed=0, style=style)
     fractions = p.sides / CANVAS
     assert fractions.min() >= style.scale[0] - 1 / CANVAS and fractions.max() <= style.scale[1]
@@ -54,6 +55,10 @@ def test_factor_ranges_are_those_of_aug_plus() -> None:
         assert abs(flag.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / len(flag))
     assert {tuple(o) for o in p.orders} == {tuple(o) for o in np.array(list(__import__("itertools").permutations(
         range(4))))}  # every order of the four colour ops occurs, as in ColorJitter
+
+
+def test_no_mirror_by_default_since_the_preset_views_do_not_mirror() -> None:
+    assert SceneStyle().flip == 0.0 and not draw_scene_params(500, CANVAS, seed=0).flip.any()
 
 
 def test_colours_are_colorjitter_of_one_clean_drawing(glyphs: np.ndarray) -> None:
@@ -93,6 +98,29 @@ def test_split_is_the_plain_digits_split_and_the_dataset_is_cheap() -> None:
     assert train.classes == [str(c) for c in range(10)]
     image, target, bad = train[0]
     assert isinstance(image, Image.Image) and bad == () and target == train.targets[0]
+
+
+def test_pretrain_split_is_the_canonical_drawing_of_the_train_digits() -> None:
+    """Pretraining images differ only in the digit's shape: centred, one size, the base colours, no jitter."""
+    style = SceneStyle()
+    pretrain = ScatteredDigitsDataset("pretrain", image_size=CANVAS)
+    train = ScatteredDigitsDataset("train", image_size=CANVAS)
+    assert pretrain.targets == train.targets and len(pretrain) == 1437
+    glyphs, labels = digits_arrays()
+    keep = split_indices(labels, "pretrain")
+    side = round(CANVAS * style.canonical_scale)
+    y0 = (CANVAS - side) // 2
+    bg, fg = np.asarray(style.background), np.asarray(style.foreground)
+    for i in range(0, 1437, 97):
+        pixels = np.asarray(pretrain[i][0]).astype(int)
+        ink = np.abs(pixels - bg).sum(axis=2) > 30
+        rows, cols = np.nonzero(ink)
+        assert rows.min() >= y0 and rows.max() < y0 + side and cols.min() >= y0 and cols.max() < y0 + side
+        # every pixel lies on the segment between the two base colours: no per-image colour at all
+        t = ((pixels - bg) @ (fg - bg)) / ((fg - bg) @ (fg - bg))
+        assert np.abs(pixels - (bg + t[..., None] * (fg - bg))).max() <= 2
+        small = np.asarray(Image.fromarray(glyphs[keep[i]]).resize((side, side), Image.BICUBIC), float) / 255
+        assert np.allclose(t[y0:y0 + side, y0:y0 + side], small, atol=0.02)
 
 
 def test_embedded_names() -> None:

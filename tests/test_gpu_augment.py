@@ -155,6 +155,16 @@ def test_flip_is_torchvision_hflip() -> None:
         torch.testing.assert_close(flipped, TF.hflip(unflipped), atol=1e-5, rtol=0)
 
 
+def test_flip_false_never_mirrors_and_keeps_the_other_draws() -> None:
+    """--no-flip: same random stream (so nothing else moves), flip flags all off."""
+    sizes = torch.tensor([[40, 56]] * 400)
+    on = BatchedMocoAugment(32).sample_params(sizes, _gen(8))
+    off = BatchedMocoAugment(32, flip=False).sample_params(sizes, _gen(8))
+    assert 150 < int(on["flip"].sum()) < 250 and not off["flip"].any()
+    for key in ("box", "jitter", "gray", "blur", "factors"):
+        assert torch.equal(on[key], off[key]), key
+
+
 @pytest.mark.parametrize("op", range(4), ids=OPS)
 def test_each_jitter_op_matches_torchvision(op: int) -> None:
     """One op at a time: the other three get identity factors, so the result is torchvision's op alone."""
