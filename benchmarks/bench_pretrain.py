@@ -71,7 +71,7 @@ def step_overhead(arch: str, image_size: int, batch: int, repeats: int, bn_split
 
 
 def data_pipeline(batches: int) -> None:
-    cfg = resolve_config("digits")
+    cfg = resolve_config()  # the embedded default preset
     device = torch.device("cpu")
     loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg), device)
     seed_epoch(loader, cfg.seed, 0)
@@ -94,7 +94,7 @@ def data_pipeline(batches: int) -> None:
 
     step()
     step_rate = cfg.batch_size / statistics.median(_timed(step, 5))
-    print(f"  embedded default (digits, {cfg.arch} {cfg.image_size}px, batch {cfg.batch_size}, "
+    print(f"  embedded default ({cfg.preset}, {cfg.arch} {cfg.image_size}px, batch {cfg.batch_size}, "
           f"{cfg.workers} worker(s)): loader {load_rate:8.1f} img/s, step {step_rate:8.1f} img/s  ->  "
           f"loader / step {load_rate / step_rate:.2f}  (target > 1: the loader is not the bottleneck)")
 

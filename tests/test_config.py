@@ -50,6 +50,20 @@ def test_default_preset_depends_on_data(tmp_path):
         assert preset["data"] == f"embedded:{name}" and preset["moco_k"] % preset["batch_size"] == 0
 
 
+def test_embedded_preset_switches_and_their_defaults_elsewhere(tmp_path):
+    """The embedded preset's departures from v2 are switches that stay off in the published presets."""
+    digits = resolve_config()
+    assert (digits.head_bn, digits.flip, digits.crop_min) == (True, False, 0.8)
+    for name in ("mocov1", "mocov2", "mocov2-800ep"):
+        cfg = resolve_config(name)
+        assert (cfg.head_bn, cfg.flip, cfg.crop_min) == (False, True, 0.2), name
+    assert resolve_config(overrides={"head_bn": False, "flip": True}).head_bn is False
+    f = tmp_path / "run.yaml"
+    f.write_text("flip: 'no'\n")
+    with pytest.raises(ConfigError, match="'flip' must be true or false"):
+        resolve_config(config_file=f)
+
+
 def test_symmetric_needs_a_queue_of_whole_double_batches():
     assert resolve_config(overrides={"symmetric": True, "batch_size": 64, "moco_k": 1024}).symmetric
     with pytest.raises(ConfigError, match="--moco-k 192 must be a multiple of 2 x --batch-size = 128 with "
