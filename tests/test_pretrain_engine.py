@@ -192,14 +192,14 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tiny_folder, tmp_path):
 
 
 def test_embedded_default_beats_random_weights_at_a_fixed_seed(tmp_path):
-    """The README's first command, shortened: 10 of its 20 epochs must already beat random weights clearly.
+    """The README's first command, shortened to 10 epochs, must already beat random weights clearly.
 
-    Measured on a 2-core box: about 1.5 minutes; seed 0 gave {pretrained} vs {random} (see below).
+    Measured on this project's 2-core box: 41.1% vs 28.1% (random weights), loss 7.03 -> 5.19, about 80 s
+    alone (185 s while two other runs shared the CPU).
     """
     cfg = resolve_config(overrides={"epochs": 10, "knn_every": 0, "output": str(tmp_path / "run")})
     assert cfg.preset == "scattered-digits" and cfg.head_bn and not cfg.flip
     summary = run_pretraining(cfg)
-    history = summary["last"]
     assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 10.0, summary
     losses = [r["loss"] for r in read_log(tmp_path / "run")]
-    assert losses[-1] < losses[0] - 1.0 and history["acc1"] > 3.0  # the loss falls, acc1 does not collapse
+    assert losses[-1] < losses[0] - 1.0 and summary["last"]["acc1"] > 3.0  # loss falls, acc1 does not collapse
