@@ -194,8 +194,8 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tiny_folder, tmp_path):
 def test_embedded_default_beats_random_weights_at_a_fixed_seed(tmp_path):
     """The README's first command, shortened to 10 epochs, must already beat random weights clearly.
 
-    Measured on this project's 2-core box: 41.1% vs 28.1% (random weights), loss 7.03 -> 5.19, about 80 s
-    alone (185 s while two other runs shared the CPU).
+    Measured on this project's 2-core box: 41.1% vs 28.1% (random weights), loss 7.03 -> 5.19, in 185 s
+    while two other runs shared the CPU.
     """
     cfg = resolve_config(overrides={"epochs": 10, "knn_every": 0, "output": str(tmp_path / "run")})
     assert cfg.preset == "scattered-digits" and cfg.head_bn and not cfg.flip
