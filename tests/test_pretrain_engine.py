@@ -192,12 +192,13 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tiny_folder, tmp_path):
 
 
 def test_embedded_default_beats_random_weights_at_a_fixed_seed(tmp_path):
-    """The README's first command, shortened to 10 epochs, must already beat random weights clearly.
+    """The README's first command, shortened to 15 of its 30 epochs, must already beat random weights clearly.
 
-    Measured on this project's 2-core box: 41.1% vs 28.1% (random weights), loss 7.03 -> 5.19, in 185 s
-    while two other runs shared the CPU.
+    Measured on this project's 2-core box (seed 0): 45.6% with one torch thread and 44.7% with two, against
+    28.1% for random weights; the loss fell 7.0 -> 4.7-4.8. At 10 epochs the two thread counts gave 41.1% and
+    35.8%: too close to the line to keep, since float reductions differ with the thread count.
     """
-    cfg = resolve_config(overrides={"epochs": 10, "knn_every": 0, "output": str(tmp_path / "run")})
+    cfg = resolve_config(overrides={"epochs": 15, "knn_every": 0, "output": str(tmp_path / "run")})
     assert cfg.preset == "scattered-digits" and cfg.head_bn and not cfg.flip
     summary = run_pretraining(cfg)
     assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 10.0, summary
