@@ -52,8 +52,8 @@ def test_default_preset_depends_on_data(tmp_path):
 
 def test_embedded_preset_switches_and_their_defaults_elsewhere(tmp_path):
     """The embedded preset's departures from v2 are switches that stay off in the published presets."""
-    digits = resolve_config()
-    assert (digits.head_bn, digits.flip, digits.crop_min) == (True, False, 0.8)
+    embedded = resolve_config()
+    assert (embedded.head_bn, embedded.flip, embedded.crop_min) == (True, False, 0.8)
     for name in ("mocov1", "mocov2", "mocov2-800ep"):
         cfg = resolve_config(name)
         assert (cfg.head_bn, cfg.flip, cfg.crop_min) == (False, True, 0.2), name
