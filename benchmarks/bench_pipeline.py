@@ -141,7 +141,7 @@ def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     rate = float("nan")
     for epoch in range(epochs):
-        if isinstance(loader, DevicePipeline) or hasattr(loader, "sampler"):
+        if hasattr(loader, "sampler"):  # a DataLoader or a DevicePipeline, not RepeatedViews
             seed_epoch(loader, cfg.seed, epoch)
         timed = Timed(loader, skip)
         train_one_epoch(model, timed, optimizer, scaler, cfg, device, epoch, cfg.effective_lr)
@@ -226,7 +226,6 @@ def main() -> None:
               f"{', channels_last' if base['channels_last'] else ''}, K {base['moco_k']}; "
               f"first {skip} batch(es) of each pass untimed")
 
-        per_worker = float("nan")
         cpu_loader = build_pretrain_loader(cpu_cfg, build_pretrain_dataset(cpu_cfg, device), device)
         seed_epoch(cpu_loader, 0, 0)
         a = loader_rate(cpu_loader, device, batch, skip)

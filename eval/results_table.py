@@ -29,7 +29,7 @@ from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
 
 from .report import save_bars
-from .voc_trials import METRIC_KEYS, RUN_FILE, SUMMARY_JSON, read_metrics
+from .voc_trials import METRIC_KEYS, RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 
 FAMILIES = ("linear top-1", "kNN top-1", "VOC AP50", "VOC AP", "VOC AP75")
 VOC_FAMILY = {"AP50": "VOC AP50", "AP": "VOC AP", "AP75": "VOC AP75"}
@@ -46,7 +46,6 @@ DASH = "–"
 RESULT_KINDS = ("pretraining run folders (log.jsonl or pretrain.json), linear.json (moco eval linear), "
                 "knn.json (moco eval knn), VOC run folders (summary.json / run.json + trial_<k>/metrics.json)")
 TRIAL_DIR = re.compile(r"trial_(\d+)")
-SUPERSEDED_DIR = "superseded"  # where `moco eval voc` moves the trials of an earlier checkpoint or config
 SOURCE_TEXT = {
     "linear top-1": "`moco eval linear`, top-1 (%) of the final epoch",
     "kNN top-1/eval knn": "`moco eval knn`, weighted kNN top-1 (%)",
@@ -348,10 +347,10 @@ def collect(paths: Sequence[str | os.PathLike], knn_ks: Sequence[int] = (DEFAULT
             dirnames.sort()
             kinds = _folder_kinds(set(filenames), dirnames)
             if "voc" in kinds:  # its trial folders hold detectron2 files, not results of their own
-                if SUPERSEDED_DIR in dirnames:
-                    skipped.append(f"{Path(dirpath) / SUPERSEDED_DIR}: superseded VOC trials, not reported "
+                if SUPERSEDED in dirnames:
+                    skipped.append(f"{Path(dirpath) / SUPERSEDED}: superseded VOC trials, not reported "
                                    "(name the folder itself to see them)")
-                dirnames[:] = [d for d in dirnames if not TRIAL_DIR.fullmatch(d) and d != SUPERSEDED_DIR]
+                dirnames[:] = [d for d in dirnames if not TRIAL_DIR.fullmatch(d) and d != SUPERSEDED]
             for kind in kinds:
                 read(Path(dirpath), kind)
     if not found:

@@ -277,7 +277,6 @@ class Prepared:
     groups: list[list[str]]  # one device group per concurrently running trial ([] = CPU)
     shape: TrialShape
     memory: MemoryPlan | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _trial_shape(cfg: Any, options: VocOptions, visible: int) -> TrialShape:

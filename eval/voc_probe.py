@@ -98,13 +98,6 @@ class Prober:
             torch.cuda.empty_cache()
 
 
-def shape_from_cfg(cfg: Any, gpus: int, amp: bool, max_ims_per_gpu: int, parallel: int, visible: int | None
-                   ) -> TrialShape:
-    s = cfg.SOLVER
-    return TrialShape(int(s.IMS_PER_BATCH), float(s.BASE_LR), tuple(int(x) for x in s.STEPS), int(s.MAX_ITER), gpus,
-                      amp, max_ims_per_gpu, parallel, visible)
-
-
 def image_size_of(cfg: Any) -> tuple[int, int]:
     return probe_image_size(tuple(cfg.INPUT.MIN_SIZE_TRAIN), int(cfg.INPUT.MAX_SIZE_TRAIN),
                             bool(cfg.DATALOADER.ASPECT_RATIO_GROUPING))

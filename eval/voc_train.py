@@ -26,7 +26,7 @@ from moco_transfer.detectron2_ext import register
 from moco_transfer.fileio import write_json_atomic
 
 from .voc_layout import VOC_SPLITS, our_name, voc_names
-from .voc_trials import PROGRESS_FILE, write_metrics
+from .voc_trials import OOM_GLOB, PROGRESS_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
 TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"out of GPU memory: {exc}", file=sys.stderr)
         return EXIT_OOM
     except Exception:
-        if any(folder.glob("oom_rank*.json")):  # a spawned rank ran out of memory
+        if any(folder.glob(OOM_GLOB)):  # a spawned rank ran out of memory
             print(f"out of GPU memory; see {folder}/oom_rank*.json", file=sys.stderr)
             return EXIT_OOM
         raise

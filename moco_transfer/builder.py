@@ -101,10 +101,10 @@ class MoCo(nn.Module):
         shuffled, inverse = self._shuffle(im_k)
         return self._unshuffle(F.normalize(self.encoder_k(shuffled), dim=1), inverse)
 
-    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
         q, k = q.float(), k.float()
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-        l_neg = q @ self.queue.clone().detach()
+        l_neg = q @ queue
         return torch.cat([l_pos, l_neg], dim=1) / self.T
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,14 +118,15 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self.momentum_update_key_encoder()
             k = self._encode_keys(im_k)
+        queue = self.queue.clone().detach()  # the negatives as they were before this step's keys go in
         if not self.symmetric:
-            logits = self._logits(q, k)
+            logits = self._logits(q, k, queue)
             self.dequeue_and_enqueue(k)
         else:
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             with torch.no_grad():
                 k2 = self._encode_keys(im_q)
-            logits = torch.cat([self._logits(q, k), self._logits(q2, k2)], dim=0)
+            logits = torch.cat([self._logits(q, k, queue), self._logits(q2, k2, queue)], dim=0)
             self.dequeue_and_enqueue(torch.cat([k, k2], dim=0))
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return logits, labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,12 +85,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f"{self.root}: 64 consecutive unreadable images from index {index}: {bad[:3]} ...")
 
 
+@functools.lru_cache(maxsize=1)
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 images and labels, read once per process (read-only arrays)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    return images, digits.target.astype(np.int64)
+    labels = digits.target.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
@@ -239,6 +245,12 @@ def render_scattered_digits(glyphs: np.ndarray, canvas: int, seed: int = 0,
     return [jitter_colours(image, params, i) for i, image in enumerate(draw_digits(glyphs, canvas, params, style))]
 
 
+@functools.lru_cache(maxsize=4)
+def _scattered_drawings(canvas: int, seed: int, style: SceneStyle) -> tuple[Image.Image, ...]:
+    """All digits drawn once per process: the train and val splits (and the kNN monitor's copies) share them."""
+    return tuple(render_scattered_digits(digits_arrays()[0], canvas, seed, style))
+
+
 class ScatteredDigitsDataset(InMemoryDataset):
     """The embedded default: scikit-learn's digits drawn at random scale and position on a coloured canvas.
 
@@ -257,8 +269,8 @@ class ScatteredDigitsDataset(InMemoryDataset):
         if split == "pretrain":
             self.images = draw_digits(glyphs[keep], image_size, canonical_params(len(keep), image_size, style), style)
         else:
-            self.images = render_scattered_digits(glyphs, image_size, seed, style)
-            self.images = [self.images[i] for i in keep]
+            drawings = _scattered_drawings(image_size, seed, style)
+            self.images = [drawings[i] for i in keep]
         self.targets = labels[keep].tolist()
         self.classes = [str(c) for c in range(10)]
         self.transform = transform

@@ -121,7 +121,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if name == "schedule" and not (isinstance(value, list) and all(isinstance(v, int) for v in value)):
             raise ConfigError(f"{source}: 'schedule' must be a list of epochs, got {value!r}")
         return value
-    if isinstance(default, bool) or name in ("mlp", "aug_plus", "cos", "symmetric"):
+    if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {name!r} must be true or false, got {value!r}")
     elif isinstance(default, int) and not isinstance(default, bool):
