@@ -155,7 +155,7 @@ def device_parts(cfg: PretrainConfig, pipeline: DevicePipeline, device: torch.de
     payload, layout, _, _ = next(iter(pipeline.loader))
     pipeline.decode(payload, layout)
     images, _ = pipeline.decode(payload, layout)
-    views = [pipeline.augment(images, pipeline.generator) for _ in range(2)]
+    views = pipeline.augment.views(images, pipeline.generator)
     times_decode, times_views = [], []
     for _ in range(repeats):
         sync(device)
@@ -163,7 +163,7 @@ def device_parts(cfg: PretrainConfig, pipeline: DevicePipeline, device: torch.de
         images, _ = pipeline.decode(payload, layout)
         sync(device)
         t1 = time.perf_counter()
-        views = [pipeline.augment(images, pipeline.generator) for _ in range(2)]
+        views = pipeline.augment.views(images, pipeline.generator)
         sync(device)
         times_decode.append(t1 - t0)
         times_views.append(time.perf_counter() - t1)

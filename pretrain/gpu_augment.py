@@ -149,8 +149,17 @@ class BatchedMocoAugment:
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """One augmented view per image: (B,3,S,S) normalised, in out_dtype and memory_format, same device."""
+        return self.views(images, generator, 1)[0]
+
+    def views(self, images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator,
+              n: int = 2) -> list[torch.Tensor]:
+        """`n` independent views of each image, as `n` calls would give (the parameters are drawn in the same
+        order), but the batch is checked, padded and converted to the resize dtype once for all of them."""
         sizes, device = self._sizes(images)
-        return self.apply(images, self.sample_params(_host_tensor_to(sizes, device, torch.int64), generator))
+        size_tensor = _host_tensor_to(sizes, device, torch.int64)
+        params = [self.sample_params(size_tensor, generator) for _ in range(n)]
+        crops = self._cropped(images, sizes, device, params)
+        return [self._finish(x, p) for x, p in zip(crops, params, strict=True)]
 
     # ---------------------------------------------------------------- parameters
 
@@ -222,16 +231,24 @@ class BatchedMocoAugment:
     def apply(self, images: torch.Tensor | Sequence[torch.Tensor], params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Deterministic given `params` (from sample_params for these images' sizes)."""
         sizes, device = self._sizes(images)
-        x = None
+        return self._finish(self._cropped(images, sizes, device, [params])[0], params)
+
+    def _cropped(self, images, sizes: list[list[int]], device: torch.device,  # noqa: ANN001
+                 params: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The resized crops for each parameter set; every padded chunk is made and converted once."""
+        dtype = self.resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        out: list[torch.Tensor | None] = [None] * len(params)
         for idx, chunk in self._chunks(images, sizes, device):
-            if idx is None:
-                x = self._resized_crop(chunk, params["box"], params["flip"])
-                break
-            out = self._resized_crop(chunk, params["box"].index_select(0, idx), params["flip"].index_select(0, idx))
-            if x is None:
-                x = torch.empty((len(sizes), *out.shape[1:]), device=device, dtype=out.dtype)
-            x.index_copy_(0, idx, out)
-        return self._finish(x, params)
+            chunk = chunk.to(dtype)  # 0-255 integers are exact in float16
+            for v, p in enumerate(params):
+                if idx is None:
+                    out[v] = self._resized_crop(chunk, p["box"], p["flip"])
+                    continue
+                crop = self._resized_crop(chunk, p["box"].index_select(0, idx), p["flip"].index_select(0, idx))
+                if out[v] is None:
+                    out[v] = torch.empty((len(sizes), *crop.shape[1:]), device=device, dtype=crop.dtype)
+                out[v].index_copy_(0, idx, crop)
+        return out
 
     def _finish(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Everything after the crop: fixed (B,3,S,S) shapes and no data-dependent control flow."""
@@ -296,15 +313,15 @@ class BatchedMocoAugment:
             idx = None if len(groups) == 1 else _host_tensor_to(group, device, torch.int64)
             yield idx, padded
 
-    def _resized_crop(self, images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """uint8 (n,3,H,W) -> float (n,3,S,S) in [0,1]: crop, antialiased resize and flip as two matmuls."""
+    def _resized_crop(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """0-255 values (n,3,H,W) in the resize dtype -> float32 (n,3,S,S) in [0,1]: crop, antialiased resize
+        and flip as two matmuls."""
         s = self.image_size
-        height, width = images.shape[2], images.shape[3]
-        dtype = self.resize_dtype or (torch.float16 if images.is_cuda else torch.float32)
+        height, width = x.shape[2], x.shape[3]
+        dtype = x.dtype
         wy = _resample_matrix(box[:, 0], box[:, 2], s, height)  # (n, S, H)
         wx = _resample_matrix(box[:, 1], box[:, 3], s, width)  # (n, S, W)
         wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
-        x = images.to(dtype)  # 0-255 integers are exact in float16
         wy, wxt = wy.to(dtype).unsqueeze(1), wx.to(dtype).transpose(1, 2).unsqueeze(1)
         # contract the longer side first: cost S*W*(H+S) rows-first against S*H*(W+S) columns-first
         out = (wy @ x) @ wxt if width <= height else wy @ (x @ wxt)

@@ -168,7 +168,7 @@ class DevicePipeline:
         for payload, layout, targets, bad in self.loader:
             with torch.no_grad():
                 images, more_bad = self.decode(payload, layout)
-                views = [self.augment(images, self.generator), self.augment(images, self.generator)]
+                views = self.augment.views(images, self.generator)
             yield views, targets, bad + more_bad
 
     def decode(self, payload: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor],

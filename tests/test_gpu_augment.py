@@ -155,6 +155,23 @@ def test_flip_is_torchvision_hflip() -> None:
         torch.testing.assert_close(flipped, TF.hflip(unflipped), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 40_000], ids=["one chunk", "several chunks"])
+def test_views_equal_separate_calls(chunk_bytes: int | None) -> None:
+    """views() pads and converts once, but gives exactly what one sample_params + apply per view gives."""
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
+              for h, w in [(40, 56), (64, 48), (33, 70), (50, 50)]]
+    aug = BatchedMocoAugment(32)
+    if chunk_bytes:
+        aug.max_chunk_bytes = chunk_bytes
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
+    together = aug.views(images, _gen(5))
+    separate_gen = _gen(5)
+    separate = [aug.apply(images, aug.sample_params(sizes, separate_gen)) for _ in range(2)]
+    for a, b in zip(together, separate, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_flip_false_never_mirrors_and_keeps_the_other_draws() -> None:
     """--no-flip: same random stream (so nothing else moves), flip flags all off."""
     sizes = torch.tensor([[40, 56]] * 400)
