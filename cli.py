@@ -78,6 +78,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--seed", type=int),
         click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast precision."),
         click.option("--channels-last/--no-channels-last", default=None),
+        click.option("--compile/--no-compile", "compile", default=None,
+                     help="torch.compile both encoders (off by default: see docs/pipeline.md for when it pays)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
         click.option("--knn-every", type=int, help="Run the kNN monitor every N epochs (0: off)."),
         click.option("--knn-data", type=click.Path(file_okay=False),

@@ -48,6 +48,7 @@ class PretrainConfig:
     seed: int = 0
     amp: str = "none"                  # none | bf16 | fp16 (CUDA autocast)
     channels_last: bool = False
+    compile: bool = False              # torch.compile the encoders (in place: checkpoint keys stay as they are)
     device: str = "auto"               # auto | cpu | cuda
     knn_every: int = 0                 # epochs between kNN monitor runs (0: off)
     knn_data: str | None = None        # folder with train/ and val/ class folders; None: the pretraining data

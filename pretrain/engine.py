@@ -32,7 +32,7 @@ from moco_transfer.progress import progress, write
 from .config import ConfigError, PretrainConfig, save_resolved
 from .curves import save_pretrain_curves
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
-from .gpu_pipeline import resolve_pipeline
+from .gpu_pipeline import DevicePipeline, pipeline_choice
 from .monitor import KnnMonitor
 from .schedule import lr_at_epoch
 
@@ -95,6 +95,14 @@ def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: s
                               + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
     return notes
+
+
+def compile_encoders(model: MoCo, **options: Any) -> None:
+    """torch.compile both encoders in place (`nn.Module.compile`), so parameters, state-dict keys and the
+    official checkpoint layout stay as they are; the queue, shuffle and momentum update run eagerly around them.
+    `options` go to torch.compile (the tests pass backend="eager")."""
+    model.encoder_q.compile(**options)
+    model.encoder_k.compile(**options)
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:
@@ -167,24 +175,30 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
         bar.set_postfix(loss=f"{sum(w[0] for w in window) / max(len(window), 1):.4f}", lr=f"{lr:.4g}",
                         img_s=f"{images_per_s:.1f}", refresh=False)
 
-    for views, _, bad in loader:
-        skipped.extend(bad)
-        im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
-        im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, labels = model(im_q, im_k)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        figures[steps, 0] = loss.detach()
-        figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
-        steps += 1
-        if time.perf_counter() - last_read >= SYNC_SECONDS:
-            read_figures()
-            last_read = time.perf_counter()
-        bar.update()
+    batches = iter(loader)
+    try:
+        for views, _, bad in batches:
+            skipped.extend(bad)
+            im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
+            im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, labels = model(im_q, im_k)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            figures[steps, 0] = loss.detach()
+            figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
+            steps += 1
+            if time.perf_counter() - last_read >= SYNC_SECONDS:
+                read_figures()
+                last_read = time.perf_counter()
+            bar.update()
+    finally:  # a device pipeline's producer thread stops here, also when the step raised or on Ctrl-C
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     if read < steps:
         read_figures()
     bar.close()
@@ -225,6 +239,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
     model = build_model(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_encoders(model)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, history = 0, []
@@ -248,6 +264,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = KnnMonitor(cfg, device) if (cfg.knn_every or cfg.print_baseline) and du.is_main_process() else None
     random_init_knn = _random_init_knn(cfg, monitor, device) if monitor is not None and cfg.print_baseline else None
+    choice = pipeline_choice(cfg, device)  # the self-check's verdict, cached when the loader was built
     if du.is_main_process():
         save_resolved(cfg, out)
         _write_log(out, history)
@@ -256,7 +273,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
             f"K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head"
             f"{' + BN' if cfg.head_bn else ''}, {'aug+' if cfg.aug_plus else 'v1 aug'} (crops >= {cfg.crop_min:g}"
             f"{'' if cfg.flip else ', no mirror'}), {'cosine' if cfg.cos else 'step'} lr, device {device}, "
-            f"{resolve_pipeline(cfg, device)} data pipeline")
+            f"{choice.name} data pipeline")
+        if choice.reason:
+            log(choice.reason)
 
     ckpt_path = find_latest(out) if start_epoch else None
     epochs_bar = progress(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
@@ -270,7 +289,13 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr)
         record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
                   "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
+        if isinstance(loader, DevicePipeline):
+            record.update(loader.epoch_record())
+            warning = loader.fallback_warning()
+            if warning:
+                log(warning)
         if stats.skipped:
+            record["skipped_examples"] = stats.skipped[:20]
             log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
                 + "; ".join(stats.skipped[:3]))
         last = epoch + 1 == cfg.epochs

@@ -1,10 +1,11 @@
 """The device data pipeline (`--data-pipeline gpu`): workers read bytes, the training device decodes and augments.
 
 With the CPU pipeline each worker decodes and augments with PIL, about 81 images/s per core, so a GPU that
-steps 2,500 images/s would need some 30 cores. Here the loader workers only read file bytes; the main process
-decodes the JPEGs of a batch in one `torchvision.io.decode_jpeg` call on the device and draws both views with
-`BatchedMocoAugment` (per-sample parameters, vectorised ops). The same code runs on CPU tensors, so the tests
-exercise it without a GPU.
+steps 2,500 images/s would need some 30 cores. Here the loader workers only read file bytes; a producer thread
+decodes the JPEGs of a batch in one `torchvision.io.decode_jpeg` call on the device (`DeviceDecoder`, on a
+stream of its own, guarded against the nvJPEG allocation race) and draws both views with `BatchedMocoAugment`
+(per-sample parameters, vectorised ops), while the training thread runs the step before. The same code runs
+on CPU tensors, so the tests exercise it without a GPU.
 
 Files the device decoder should not get (PNG and other formats; grayscale, CMYK, progressive or truncated
 JPEGs) are decoded in the worker with PIL, as the CPU pipeline does. A JPEG that still fails on the device is
@@ -14,75 +15,80 @@ stay full, and its path is reported with the others that the epoch skipped.
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
+from moco_transfer import distributed as du
 from moco_transfer.data import DataError, ImageFolderDataset
 
-from .config import PretrainConfig
+from .config import ConfigError, PretrainConfig
+from .device_decode import DeviceDecoder, decode_on_cpu, device_decodable, is_device_fault
+from .prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from .gpu_augment import BatchedMocoAugment
 
-# Sequential Huffman frames, which nvjpeg batch-decodes (in hardware on A100/H100). Progressive ones it decodes
-# one by one with host work and a stream sync each, which the loader workers do better; the rest go to PIL too.
-_SOF_MARKERS = frozenset({0xC0, 0xC1})
-_SOURCE_LOCATION = re.compile(r"^[\w.]+, \S+:\d+, ")  # torchvision's "decode_jpeg, file.cpp:171, "
 _MAX_REPLACEMENTS = 64  # as ImageFolderDataset: that many unreadable files in a row is a broken dataset
+CPU_DECODE_WARN_FRACTION = 0.01  # more than this share of an epoch decoded by PIL: say so, once
+_EXAMPLES = 20  # paths per kind kept in an epoch's log record
+
+__all__ = ["DevicePipeline", "ImageBytesDataset", "TensorImages", "collate_raw", "decode_on_cpu", "device_decodable",
+           "pipeline_choice", "resolve_pipeline", "training_dtype"]
+
+
+class PipelineChoice(NamedTuple):
+    name: str  # "cpu" or "gpu"
+    reason: str  # why auto did not take the device pipeline on a GPU; empty otherwise
+
+
+_DEVICE_PROBLEMS: dict[str, str | None] = {}  # device -> why the device pipeline cannot run there (None: it can)
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why the device pipeline must not run on this GPU, or None; the self-check runs once per device."""
+    if torch.version.hip is not None:
+        return (f"{device} is a ROCm device (HIP {torch.version.hip}): this pipeline is built and checked for "
+                "NVIDIA's nvJPEG only")
+    key = str(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    if key not in _DEVICE_PROBLEMS:
+        from .device_check import self_check
+
+        _DEVICE_PROBLEMS[key] = self_check(torch.device(key)).problem
+    return _DEVICE_PROBLEMS[key]
+
+
+def pipeline_choice(cfg: PretrainConfig, device: torch.device) -> PipelineChoice:
+    """auto: the device pipeline on an NVIDIA GPU that passes the self-check, the CPU pipeline otherwise.
+
+    On a CPU device `gpu` runs the same code on CPU tensors (tests, CI) without the self-check. On a GPU, an
+    explicit `gpu` whose self-check fails is a ConfigError naming the failure.
+    """
+    if cfg.data_pipeline == "cpu" or (device.type != "cuda" and cfg.data_pipeline == "auto"):
+        return PipelineChoice("cpu", "")
+    if device.type != "cuda":
+        return PipelineChoice("gpu", "")
+    problem = device_problem(device)
+    if problem is None:
+        return PipelineChoice("gpu", "")
+    if cfg.data_pipeline == "gpu":
+        raise ConfigError(f"--data-pipeline gpu: {problem}")
+    return PipelineChoice("cpu", f"--data-pipeline auto took the CPU pipeline: {problem}")
 
 
 def resolve_pipeline(cfg: PretrainConfig, device: torch.device) -> str:
-    """auto: the device pipeline on CUDA, the CPU pipeline otherwise (where the workers are the cores anyway)."""
-    if cfg.data_pipeline == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
-    return cfg.data_pipeline
+    """The pipeline a run uses: "cpu" or "gpu" (see pipeline_choice)."""
+    return pipeline_choice(cfg, device).name
 
 
 def training_dtype(cfg: PretrainConfig) -> torch.dtype:
     """The views come out in the autocast dtype, which halves what the first convolution reads."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
-
-
-def device_decodable(data: bytes | bytearray) -> bool:
-    """True for a complete-looking 8-bit, 3-component sequential JPEG: what nvjpeg decodes fast, in one batch.
-
-    Reads the marker segments up to the frame header. A file without the end-of-image marker (truncated) or
-    with 1 (grayscale) or 4 (CMYK/YCCK) components, or progressive, returns False and is decoded on the CPU.
-    """
-    if len(data) < 4 or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
-        return False
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            return pos + 10 <= len(data) and data[pos + 4] == 8 and data[pos + 9] == 3
-        if marker in (0xDA, 0xD9) or (0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
-            return False  # scan data before any frame header, or another frame type (progressive, lossless...)
-        pos += 2 + length
-    return False
-
-
-def decode_on_cpu(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """PIL decode to a uint8 3xHxW RGB tensor: the CPU pipeline's reader, so the same files are readable."""
-    with Image.open(io.BytesIO(data)) as image:
-        return pil_to_tensor(image.convert("RGB"))
-
-
 class ImageBytesDataset(ImageFolderDataset):
     """Class-folder images as raw file bytes (1-D uint8) when the device can decode them, else decoded RGB.
 
@@ -139,20 +145,52 @@ def collate_raw(batch: Sequence[tuple[torch.Tensor, int, tuple[str, ...], int]]
     return payload, layout, targets, [p for b in batch for p in b[2]]
 
 
+@dataclass
+class DecodeCounts:
+    """What one epoch decoded where: a few paths of each kind are kept for the log."""
+
+    images: int = 0
+    in_workers: int = 0  # not for the device decoder (PNG, grayscale, CMYK, progressive, truncated): PIL in a worker
+    refused: int = 0  # the device decoder refused them, PIL read them in the producer thread
+    in_workers_paths: list[str] = field(default_factory=list)
+    refused_paths: list[str] = field(default_factory=list)
+
+    def note(self, kind: str, path: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        paths = getattr(self, f"{kind}_paths")
+        if len(paths) < _EXAMPLES:
+            paths.append(path)
+
+
+class _Batch(NamedTuple):
+    views: list[torch.Tensor]
+    targets: torch.Tensor
+    bad: list[str]
+    ready: torch.cuda.Event | None  # recorded on the decoder's stream after the views were made
+
+
 class DevicePipeline:
     """Iterates like the CPU loader: `([query views, key views], targets, skipped paths)` per batch.
 
-    Wraps a DataLoader over ImageBytesDataset or TensorImages with collate_raw and drop_last. Decoding and
-    augmentation run in this process on `device`; the augmentation generator lives there too and is seeded per
-    epoch through `seed` (pretrain.data.seed_epoch), so an epoch draws the same views however the run got there.
+    Wraps a DataLoader over ImageBytesDataset or TensorImages with collate_raw and drop_last. A producer thread
+    (`prefetch` batches ahead; 0: in the calling thread) decodes and augments on `device`, on the decoder's
+    stream; each batch reaches the training stream through an event and `record_stream`, so the training thread
+    never waits on the host for it. The augmentation generator is seeded per epoch through `seed`
+    (pretrain.data.seed_epoch), and one producer draws batches in order, so an epoch draws the same views
+    however the run got there.
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, augment: BatchedMocoAugment,
-                 device: torch.device) -> None:
-        self.loader, self.augment, self.device = loader, augment, device
+                 device: torch.device, prefetch: int = 2) -> None:
+        if prefetch < 0:
+            raise ValueError(f"prefetch: expected 0 or more batches, got {prefetch}")
+        self.loader, self.augment, self.prefetch = loader, augment, prefetch
+        self.decoder = DeviceDecoder(device)
+        self.device = self.decoder.device
         self.dataset = loader.dataset
-        self.generator = torch.Generator(device=device)
-        self.decoded_on_cpu = 0  # JPEGs the device decoder refused but the CPU read
+        self.generator = torch.Generator(device=self.device)
+        self.counts = DecodeCounts()
+        self._warned = False
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -165,11 +203,49 @@ class DevicePipeline:
         self.generator.manual_seed(seed)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
-        for payload, layout, targets, bad in self.loader:
-            with torch.no_grad():
-                images, more_bad = self.decode(payload, layout)
-                views = self.augment.views(images, self.generator)
-            yield views, targets, bad + more_bad
+        self.counts = DecodeCounts()
+        if self.prefetch == 0:
+            for batch in self._produce():
+                yield self._hand_over(batch)
+            return
+        producer = Prefetcher(self._produce(), self.prefetch, name="moco-device-pipeline")
+        try:
+            for batch in producer:
+                yield self._hand_over(batch)
+        finally:  # epoch end, an error on either side, Ctrl-C, or a consumer that stops early
+            producer.close()
+
+    def _produce(self) -> Iterator[_Batch]:
+        total = len(self.loader)
+        for index, (payload, layout, targets, bad) in enumerate(self.loader):
+            try:
+                with torch.no_grad(), self.decoder.on_stream():
+                    images, more_bad = self.decode(payload, layout)
+                    views = self.augment.views(images, self.generator)
+                    ready = None
+                    if self.decoder.stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self.decoder.stream)
+            except RuntimeError as exc:
+                if not is_device_fault(exc):
+                    raise
+                raise _with_context(exc, f"device data pipeline (--data-pipeline gpu), batch {index + 1} of "
+                                         f"{total} on {self.device}") from exc
+            self.counts.images += len(targets)
+            yield _Batch(views, targets, bad + more_bad, ready)
+
+    def _hand_over(self, batch: _Batch) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+        """Order the training stream after the batch's kernels (no host wait) and keep its memory until used.
+
+        An event recorded when the batch was done, not wait_stream at hand-over: by then the decoder's stream
+        may already be working on the next batch, which the step need not wait for.
+        """
+        if batch.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(batch.ready)
+            for view in batch.views:
+                view.record_stream(stream)
+        return batch.views, batch.targets, batch.bad
 
     def decode(self, payload: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor],
                                                                             list[str]]:
@@ -178,46 +254,47 @@ class DevicePipeline:
         Returns a (B,3,H,W) tensor when every item came decoded at one size (the in-memory sets), else a
         list of 3xHxWi tensors, and the paths of files that no decoder read (replaced by readable ones).
         """
+        with self.decoder.on_stream():
+            return self._decode(payload, layout)
+
+    def _decode(self, payload: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor],
+                                                                             list[str]]:
         rows = layout.tolist()
         if all(r[1] for r in rows) and len({tuple(r[1:4]) for r in rows}) == 1:
+            self._count_worker_decoded(rows)
             c, h, w = rows[0][1:4]
             return payload.view(len(rows), c, h, w).to(self.device, non_blocking=True), []
         pieces = payload.split([r[0] for r in rows])
         images: list[torch.Tensor | None] = [
             p.view(r[1], r[2], r[3]).to(self.device, non_blocking=True) if r[1] else None
             for p, r in zip(pieces, rows, strict=True)]
+        self._count_worker_decoded(rows)
         encoded = [i for i, r in enumerate(rows) if not r[1]]
-        errors: dict[int, str] = {}
-        if encoded:
-            try:
-                decoded = decode_jpeg([pieces[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
-            except (RuntimeError, ValueError):  # one bad file fails the whole call: one by one
-                decoded = []
-                for i in encoded:
-                    image, error = self._decode_one(pieces[i])
-                    decoded.append(image)
-                    if error:
-                        errors[i] = error
-            for i, image in zip(encoded, decoded, strict=True):
-                images[i] = image
+        decoded, refused = self.decoder.decode([pieces[i] for i in encoded])
         bad: list[str] = []
-        for i, error in errors.items():
-            bad.append(f"{self.dataset.samples[rows[i][4]][0]} ({error})")
-            images[i] = self._next_readable(rows[i][4], bad)
+        for j, i in enumerate(encoded):
+            image = decoded[j]
+            if image is None:
+                image = self._read_refused(pieces[i], rows[i][4], refused[j], bad)
+            images[i] = image
         return images, bad  # type: ignore[return-value]
 
-    def _decode_one(self, data: torch.Tensor) -> tuple[torch.Tensor | None, str]:
-        """The device decoder, then PIL on the CPU; (None, reason) when neither reads the file."""
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device), ""
-        except (RuntimeError, ValueError) as exc:
-            device_error = _SOURCE_LOCATION.sub("", str(exc).strip().splitlines()[-1])
+    def _count_worker_decoded(self, rows: list[list[int]]) -> None:
+        if isinstance(self.dataset, ImageBytesDataset):  # in-memory sets are decoded by design
+            for r in rows:
+                if r[1]:
+                    self.counts.note("in_workers", self.dataset.samples[r[4]][0])
+
+    def _read_refused(self, data: torch.Tensor, file_index: int, device_error: str, bad: list[str]) -> torch.Tensor:
+        """PIL for a file the device decoder refused; the next readable file when PIL cannot read it either."""
+        path = self.dataset.samples[file_index][0]
         try:
             image = decode_on_cpu(memoryview(data.numpy()))
         except (OSError, ValueError, SyntaxError) as exc:
-            return None, f"decode_jpeg: {device_error}; PIL {type(exc).__name__}: {exc}"
-        self.decoded_on_cpu += 1
-        return image.to(self.device, non_blocking=True), ""
+            bad.append(f"{path} (decode_jpeg: {device_error}; PIL {type(exc).__name__}: {exc})")
+            return self._next_readable(file_index, bad)
+        self.counts.note("refused", path)
+        return image.to(self.device, non_blocking=True)
 
     def _next_readable(self, file_index: int, bad: list[str]) -> torch.Tensor:
         """The skip rule of ImageFolderDataset, run here: the next file after `file_index` that decodes."""
@@ -232,9 +309,54 @@ class DevicePipeline:
                 continue
             if data.dim() == 3:
                 return data.to(self.device, non_blocking=True)
-            image, error = self._decode_one(data)
+            (image,), refused = self.decoder.decode([data])
             if image is not None:
                 return image
-            bad.append(f"{path} ({error})")
+            try:
+                image = decode_on_cpu(memoryview(data.numpy()))
+            except (OSError, ValueError, SyntaxError) as exc:
+                bad.append(f"{path} (decode_jpeg: {refused[0]}; PIL {type(exc).__name__}: {exc})")
+                continue
+            self.counts.note("refused", path)
+            return image.to(self.device, non_blocking=True)
         raise DataError(f"{dataset.root}: {_MAX_REPLACEMENTS} consecutive unreadable images after "
                         f"{dataset.samples[file_index][0]}: {bad[-3:]} ...")
+
+    def epoch_record(self) -> dict[str, Any]:
+        """The epoch's decode figures for log.jsonl, summed over ranks (a collective: call it on every rank)."""
+        counts = self.counts
+        totals = [du.all_reduce_mean(float(v), self.device) * du.world_size()
+                  for v in (counts.images, counts.in_workers, counts.refused)]
+        images, in_workers, refused = (int(round(v)) for v in totals)
+        record: dict[str, Any] = {"decoded_on_cpu": in_workers + refused, "device_refused": refused}
+        if counts.in_workers_paths or counts.refused_paths:
+            record["decoded_on_cpu_examples"] = (counts.refused_paths + counts.in_workers_paths)[:_EXAMPLES]
+        self._last_totals = (images, in_workers, refused)
+        return record
+
+    def fallback_warning(self) -> str | None:
+        """Once per run: a line naming the likely cause when more than 1% of the epoch was decoded by PIL."""
+        images, in_workers, refused = getattr(self, "_last_totals", (0, 0, 0))
+        if self._warned or not images or (in_workers + refused) <= CPU_DECODE_WARN_FRACTION * images:
+            return None
+        self._warned = True
+        share = f"{in_workers + refused} of {images} images ({(in_workers + refused) / images:.1%})"
+        if refused >= in_workers:
+            example = (self.counts.refused_paths or ["?"])[0]
+            return (f"warning: {share} this epoch were decoded with PIL on the CPU, mostly because the device "
+                    f"decoder refused them (e.g. {example}); each is decoded in the training process and slows "
+                    "the step. Likely cause: JPEG variants nvJPEG does not take, or a torchvision/nvJPEG fault. "
+                    "Re-encode them as baseline RGB JPEGs, or use --data-pipeline cpu.")
+        example = (self.counts.in_workers_paths or ["?"])[0]
+        return (f"warning: {share} this epoch were decoded with PIL in the loader workers because they are not "
+                f"baseline 8-bit RGB JPEGs (PNG, grayscale, CMYK, progressive or truncated; e.g. {example}). "
+                "Likely cause: the dataset's format. Re-encode them as baseline RGB JPEGs, or give the loader "
+                "more --workers.")
+
+
+def _with_context(exc: RuntimeError, context: str) -> RuntimeError:
+    """The same error type (so `except torch.OutOfMemoryError` still works), its message prefixed."""
+    try:
+        return type(exc)(f"{context}: {exc}")
+    except TypeError:
+        return RuntimeError(f"{context}: {exc}")
