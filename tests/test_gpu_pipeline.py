@@ -3,7 +3,10 @@ full batches, training dtype/layout, per-epoch determinism and resume after SIGK
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +15,24 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from moco_transfer.pretrain import device_decode, gpu_pipeline
 from moco_transfer.pretrain.config import ConfigError, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from moco_transfer.pretrain.device_decode import DeviceDecoder
 from moco_transfer.pretrain.gpu_pipeline import (
     DevicePipeline,
     ImageBytesDataset,
     TensorImages,
     collate_raw,
     device_decodable,
+    pipeline_choice,
     resolve_pipeline,
 )
 
 from .test_pretrain_engine import kill_and_resume_matches_straight_run
 
 CPU = torch.device("cpu")
+_REAL_DECODE = device_decode.decode_jpeg
 TINY = dict(arch="resnet18", small_images=True, image_size=16, batch_size=8, moco_k=32, bn_splits=2,
             workers=0, epochs=2, moco_m=0.99, data_pipeline="gpu")
 
@@ -161,16 +168,204 @@ def test_embedded_set_goes_through_the_device_pipeline_as_uint8_images(tmp_path)
     assert bad == [] and targets.shape == (cfg.batch_size,)
 
 
-def test_pipeline_choice():
+def test_pipeline_choice_follows_the_self_check_on_a_gpu(monkeypatch):
     cfg = resolve_config("mocov2", overrides={"data": "x"})
     assert cfg.data_pipeline == "auto"
-    assert resolve_pipeline(cfg, CPU) == "cpu" and resolve_pipeline(cfg, torch.device("cuda")) == "gpu"
+    assert resolve_pipeline(cfg, CPU) == "cpu"
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(gpu_pipeline, "device_problem", lambda device: None)
+    assert pipeline_choice(cfg, cuda) == ("gpu", "")
+    monkeypatch.setattr(gpu_pipeline, "device_problem", lambda device: "the race canary found 2 tensors overwritten")
+    name, reason = pipeline_choice(cfg, cuda)
+    assert name == "cpu" and reason == ("--data-pipeline auto took the CPU pipeline: the race canary found 2 "
+                                        "tensors overwritten")
     cfg.data_pipeline = "gpu"
-    assert resolve_pipeline(cfg, CPU) == "gpu"
+    with pytest.raises(ConfigError, match="^--data-pipeline gpu: the race canary found 2 tensors overwritten$"):
+        pipeline_choice(cfg, cuda)
+    assert resolve_pipeline(cfg, CPU) == "gpu"  # CPU tensors (tests, CI): no self-check
     with pytest.raises(ConfigError, match="--data-pipeline 'nvidia': expected auto, cpu or gpu"):
         resolve_config("mocov2", overrides={"data": "x", "data_pipeline": "nvidia"})
     with pytest.raises(ConfigError, match="--log-every -1.0"):
         resolve_config("mocov2", overrides={"data": "x", "log_every": -1.0})
+
+
+def test_rocm_gets_the_cpu_pipeline_without_a_self_check(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.4.1")
+    monkeypatch.setattr("moco_transfer.pretrain.device_check.self_check", _must_not_run)
+    problem = gpu_pipeline.device_problem(torch.device("cuda", 0))
+    assert problem.startswith("cuda:0 is a ROCm device (HIP 6.4.1)")
+    cfg = resolve_config("mocov2", overrides={"data": "x"})
+    assert pipeline_choice(cfg, torch.device("cuda", 0)).name == "cpu"
+
+
+def _must_not_run(*args: object) -> None:
+    raise AssertionError("the self-check ran")
+
+
+class _RecordingDecode:
+    """decode_jpeg as torchvision runs it on the CPU, with a log of calls; files holding `refuse` fail."""
+
+    def __init__(self, log: list, refuse: bytes = b"REFUSE-ME") -> None:
+        self.log, self.refuse = log, refuse
+
+    def __call__(self, data, mode, device):  # noqa: ANN001, ANN204 - decode_jpeg's signature
+        ok = not any(self.refuse in bytes(d.numpy()) for d in data)
+        self.log.append(("decode", len(data), ok))
+        if not ok:
+            raise RuntimeError("Error while decoding JPEG images: Failed to get image info: 3")
+        return _REAL_DECODE(data, mode=mode, device=device)
+
+
+def _with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """The same image with a COM segment after SOI: libjpeg and PIL read it as before."""
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+def test_decoder_waits_for_its_stream_before_every_decode_call(monkeypatch):
+    log: list = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            log.append(("fence",))
+
+    decoder = DeviceDecoder(CPU)
+    decoder.stream = Stream()
+    monkeypatch.setattr(decoder, "on_stream", contextlib.nullcontext)
+    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode(log))
+    files = [_jpeg(_array(20, 24, i)) for i in range(8)]
+    files[5] = _with_comment(files[5], b"REFUSE-ME")
+    decoder.decode([torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files])
+    calls = [i for i, entry in enumerate(log) if entry[0] == "decode"]
+    assert len(calls) > 1 and all(log[i - 1] == ("fence",) for i in calls)
+
+
+def test_one_bad_file_costs_a_few_batched_calls_and_each_good_file_is_decoded_once(monkeypatch):
+    log: list = []
+    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode(log))
+    files = [_jpeg(_array(20 + i, 24, i)) for i in range(16)]
+    files[11] = _with_comment(files[11], b"REFUSE-ME")
+    images, refused = DeviceDecoder(CPU).decode([torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files])
+    # 16 fails; then halves, each decoded in one call: 8 ok, 8 fails; 4 ok, 4 fails; 2 ok, 2 fails; 1 ok, 1 fails
+    assert sorted(n for _, n, _ in log) == [1, 1, 2, 2, 4, 4, 8, 8, 16]
+    assert sum(n for _, n, ok in log if ok) == 15  # every good file decoded by exactly one successful call
+    assert list(refused) == [11] and "Failed to get image info: 3" in refused[11]
+    assert images[11] is None and all(im is not None for i, im in enumerate(images) if i != 11)
+    for f, image in zip(files, images, strict=True):
+        if image is not None:
+            assert torch.equal(image, _REAL_DECODE(torch.frombuffer(bytearray(f), dtype=torch.uint8)))
+
+
+@pytest.mark.parametrize("fault", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   RuntimeError("Error while decoding JPEG images: nvjpegDecodeBatched failed: 5")])
+def test_device_faults_propagate_naming_the_batch_and_the_pipeline(tmp_path, monkeypatch, fault):
+    root = write_jpeg_folders(tmp_path, classes=1, per_class=8)
+
+    def decode(data, mode, device):  # noqa: ANN001, ANN202
+        raise fault
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+    pipeline = _pipeline(root, prefetch=2)
+    with pytest.raises(type(fault)) as caught:
+        next(iter(pipeline))
+    assert str(caught.value).startswith("device data pipeline (--data-pipeline gpu), batch 1 of 2 on cpu: ")
+    assert str(fault) in str(caught.value)
+    assert not _producer_threads()
+
+
+def _pipeline(root: Path, prefetch: int = 2, batch_size: int = 4) -> DevicePipeline:
+    from moco_transfer.pretrain.gpu_augment import BatchedMocoAugment
+
+    loader = torch.utils.data.DataLoader(ImageBytesDataset(root), batch_size=batch_size, collate_fn=collate_raw,
+                                         drop_last=True, shuffle=False)
+    return DevicePipeline(loader, BatchedMocoAugment(16, crop_min=0.5), CPU, prefetch=prefetch)
+
+
+def _producer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "moco-device-pipeline" and t.is_alive()]
+
+
+def test_files_decoded_on_the_cpu_are_counted_per_epoch_and_warned_about_once(tmp_path, monkeypatch):
+    root = write_jpeg_folders(tmp_path, classes=1, per_class=10)  # + extra.png and gray.jpg: decoded in workers
+    refused = root / "class_0" / "img_004.jpg"
+    refused.write_bytes(_with_comment(refused.read_bytes(), b"REFUSE-ME"))  # the device refuses, PIL reads it
+    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode([]))
+    pipeline = _pipeline(root, batch_size=12)
+    batches = list(pipeline)
+    assert len(batches) == 1 and batches[0][2] == []
+    record = pipeline.epoch_record()
+    assert record["decoded_on_cpu"] == 3 and record["device_refused"] == 1
+    assert sorted(Path(p).name for p in record["decoded_on_cpu_examples"]) == ["extra.png", "gray.jpg", "img_004.jpg"]
+    warning = pipeline.fallback_warning()
+    assert warning.startswith("warning: 3 of 12 images (25.0%) this epoch were decoded with PIL in the loader "
+                              "workers because they are not baseline 8-bit RGB JPEGs")
+    list(pipeline)
+    assert pipeline.epoch_record()["decoded_on_cpu"] == 3  # per epoch, not summed over epochs
+    assert pipeline.fallback_warning() is None  # once per run
+
+
+def test_the_device_refusing_most_fallbacks_names_the_decoder(tmp_path, monkeypatch):
+    root = tmp_path / "data" / "class_0"
+    root.mkdir(parents=True)
+    for i in range(8):
+        (root / f"img_{i}.jpg").write_bytes(_with_comment(_jpeg(_array(20, 20, i)), b"REFUSE-ME" if i < 2 else b"ok"))
+    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode([]))
+    pipeline = _pipeline(root.parent, batch_size=8)
+    list(pipeline)
+    assert pipeline.epoch_record()["device_refused"] == 2
+    assert "mostly because the device decoder refused them" in pipeline.fallback_warning()
+
+
+def test_every_batch_of_an_epoch_is_the_same_however_it_is_reached_and_with_or_without_the_thread(tmp_path):
+    data = write_jpeg_folders(tmp_path / "data")
+    cfg = resolve_config("mocov2", overrides={**TINY, "data": str(data), "output": str(tmp_path / "out")})
+    loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg, CPU), CPU)
+    assert loader.prefetch > 0
+
+    def epoch(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        seed_epoch(loader, cfg.seed, epoch)
+        return [(torch.cat(views), targets) for views, targets, _ in loader]
+
+    a0, a1, b0 = epoch(0), epoch(1), epoch(0)
+    loader.prefetch = 0
+    c0 = epoch(0)
+    assert len(a0) == len(loader) == 3
+    for (va, ta), (vb, tb), (vc, tc) in zip(a0, b0, c0, strict=True):
+        assert torch.equal(va, vb) and torch.equal(ta, tb) and torch.equal(va, vc) and torch.equal(ta, tc)
+    assert not any(torch.equal(va, v1) for (va, _), (v1, _) in zip(a0, a1, strict=True))
+
+
+def test_a_step_that_raises_stops_the_producer_thread(tmp_path):
+    from moco_transfer.pretrain.engine import build_model, build_optimizer, train_one_epoch
+
+    data = write_jpeg_folders(tmp_path / "data")
+    cfg = resolve_config("mocov2", overrides={**TINY, "data": str(data), "output": str(tmp_path / "out")})
+    loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg, CPU), CPU)
+    seed_epoch(loader, cfg.seed, 0)
+    model = build_model(cfg)
+
+    def fail(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    model.forward = fail
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_one_epoch(model, loader, build_optimizer(model, cfg), torch.amp.GradScaler("cpu", enabled=False), cfg,
+                        CPU, 0, 0.01)
+    # Stopped by train_one_epoch itself: the traceback held here keeps its frame (and the iterator) alive.
+    assert caught.value is not None and not _producer_threads()
+
+
+def test_the_log_records_cpu_decoded_and_skipped_files(tmp_path):
+    from moco_transfer.pretrain.engine import run_pretraining
+
+    data = write_jpeg_folders(tmp_path / "data")
+    (data / "class_1" / "img_005.jpg").write_bytes(b"\xff\xd8\xff\xe0 corrupt \xff\xd9")
+    cfg = resolve_config("mocov2", overrides={**TINY, "data": str(data), "output": str(tmp_path / "out"),
+                                              "epochs": 1})
+    run_pretraining(cfg)
+    record = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
+    assert record["decoded_on_cpu"] == 2 and record["device_refused"] == 0  # extra.png and gray.jpg
+    assert record["skipped_files"] >= 1 and all("img_005.jpg" in p for p in record["skipped_examples"])
 
 
 @pytest.mark.slow
