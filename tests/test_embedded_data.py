@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
+from moco_transfer.augment import moco_v2_augmentation
 from moco_transfer.data import (
     DataError,
     DigitsDataset,
@@ -16,11 +21,11 @@ from moco_transfer.data import (
     draw_digits,
     draw_scene_params,
     embedded_name,
-    jitter_colours,
     make_datasets,
     render_scattered_digits,
     split_indices,
 )
+from moco_transfer.pretrain.config import resolve_config
 
 CANVAS = 24
 
@@ -39,8 +44,51 @@ def test_same_seed_same_images_other_seed_other_images(glyphs: np.ndarray) -> No
     assert all(im.size == (CANVAS, CANVAS) and im.mode == "RGB" for im in a)
 
 
-def test_factor_ranges_are_those_of_aug_plus() -> None:
-    """Scale log-uniform in the style's range, positions covering the canvas, colour factors inside ColorJitter's."""
+def _ks_uniform(x: np.ndarray, low: float, high: float) -> float:
+    """One-sample Kolmogorov-Smirnov statistic of x against U[low, high]."""
+    u = np.sort((np.asarray(x, float) - low) / (high - low))
+    n = len(u)
+    return float(max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max()))
+
+
+def _preset_views() -> list:
+    """The CPU transforms of the embedded preset's views (aug+ at its size, crop floor and mirror setting)."""
+    cfg = resolve_config()
+    assert cfg.preset == "scattered-digits" and cfg.aug_plus
+    return moco_v2_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip).transforms
+
+
+def test_colour_factors_are_drawn_as_the_preset_views_draw_them() -> None:
+    """Ranges and rates read off the preset's CPU aug+ transforms: ColorJitter's four ranges (filled uniformly,
+    drawn independently), its random order of the four ops, RandomGrayscale's p and the (absent) mirror."""
+    n = 4000
+    views = _preset_views()
+    jitter = next(t.transforms[0] for t in views
+                  if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.ColorJitter))
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    gray_p = next(t.p for t in views if isinstance(t, T.RandomGrayscale))
+    flip_p = sum(t.p for t in views if isinstance(t, T.RandomHorizontalFlip))  # 0: the preset has no mirror
+    p = draw_scene_params(n, CANVAS, seed=0)
+    columns = [p.factors[:, 0], p.factors[:, 1], p.factors[:, 2], p.hues]
+    ks_critical = 1.95 / np.sqrt(n)  # alpha = 0.001
+    for name, values, (lo, hi) in zip(("brightness", "contrast", "saturation", "hue"), columns, ranges,
+                                      strict=True):
+        assert lo <= values.min() and values.max() <= hi, name
+        assert _ks_uniform(values, lo, hi) < ks_critical, name
+    correlations = np.corrcoef(np.stack(columns))[np.triu_indices(4, 1)]
+    assert np.abs(correlations).max() < 6 / np.sqrt(n), correlations  # four independent draws
+    # every order of the four ops equally likely, as ColorJitter's randperm (chi-square, 23 dof, alpha 0.001)
+    codes = p.orders @ np.array([64, 16, 4, 1])
+    perms = [sum(c * m for c, m in zip(perm, (64, 16, 4, 1), strict=True)) for perm in itertools.permutations(range(4))]
+    counts = np.array([(codes == code).sum() for code in perms])
+    assert counts.sum() == n and ((counts - n / 24) ** 2 / (n / 24)).sum() < 49.7
+    for flags, rate in ((p.gray, gray_p), (p.flip, flip_p)):
+        assert abs(flags.mean() - rate) <= 5 * np.sqrt(max(rate * (1 - rate), 1 / n) / n), (flags.mean(), rate)
+
+
+def test_scale_is_log_uniform_in_the_style_range_and_the_digit_moves() -> None:
+    """The glyph's scale is the set's own (wider than the preset's crops reach, see README); position covers
+    the canvas; a style that asks for mirrors gets them at its rate."""
     style = SceneStyle(flip=0.5)
     p = draw_scene_params(4000, CANVAS, seed=0, style=style)
     fractions = p.sides / CANVAS
@@ -49,30 +97,39 @@ def test_factor_ranges_are_those_of_aug_plus() -> None:
     assert (p.corners >= 0).all() and (p.corners + p.sides[:, None] <= CANVAS).all()
     centres = p.corners + p.sides[:, None] / 2
     assert centres.std(axis=0).min() > CANVAS / 10          # the digit really moves around
-    assert p.factors.min() >= 1 - style.jitter and p.factors.max() <= 1 + style.jitter
-    assert np.abs(p.hues).max() <= style.hue
-    for flag, rate in ((p.gray, style.grayscale), (p.flip, style.flip)):
-        assert abs(flag.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / len(flag))
-    assert {tuple(o) for o in p.orders} == {tuple(o) for o in np.array(list(__import__("itertools").permutations(
-        range(4))))}  # every order of the four colour ops occurs, as in ColorJitter
+    assert abs(p.flip.mean() - 0.5) < 4 * np.sqrt(0.25 / len(p.flip))
 
 
 def test_no_mirror_by_default_since_the_preset_views_do_not_mirror() -> None:
     assert SceneStyle().flip == 0.0 and not draw_scene_params(500, CANVAS, seed=0).flip.any()
 
 
-def test_colours_are_colorjitter_of_one_clean_drawing(glyphs: np.ndarray) -> None:
-    """Each image is torchvision's ColorJitter ops (its own factors and order) and grayscale on a clean drawing.
+# torchvision's functional colour ops, by the op ids SceneParams.orders uses (ColorJitter's own ids)
+COLOUR_OPS = {0: ("brightness", TF.adjust_brightness), 1: ("contrast", TF.adjust_contrast),
+              2: ("saturation", TF.adjust_saturation), 3: ("hue", TF.adjust_hue)}
 
-    With the factor-range test above this says the colour nuisance is exactly what aug+ randomises anyway.
+
+def test_colours_are_colorjitter_of_one_clean_drawing(glyphs: np.ndarray) -> None:
+    """Each image is torchvision's colour ops, with its own drawn factors in its own drawn order, then grayscale
+    where drawn, applied to its clean drawing: the reference is built here from torchvision's functional ops.
+
+    With the factor test above this says the colour nuisance is exactly what the preset's aug+ randomises.
     """
     style = SceneStyle()
     images = render_scattered_digits(glyphs[:200], CANVAS, seed=1, style=style)
     p = draw_scene_params(200, CANVAS, seed=1, style=style)
     clean = draw_digits(glyphs[:200], CANVAS, p, style)
+    factor = {"brightness": p.factors[:, 0], "contrast": p.factors[:, 1], "saturation": p.factors[:, 2],
+              "hue": p.hues}
+    assert p.gray.any() and not p.gray.all()
     for i in range(200):
-        expected = np.asarray(jitter_colours(clean[i], p, i))
-        assert np.array_equal(np.asarray(images[i]), expected), i
+        expected = clean[i]
+        for op in p.orders[i]:
+            name, adjust = COLOUR_OPS[int(op)]
+            expected = adjust(expected, float(factor[name][i]))
+        if p.gray[i]:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        assert np.array_equal(np.asarray(images[i]), np.asarray(expected)), i
     for drawing in clean:  # the clean drawings share one background colour, the base one
         values, counts = np.unique(np.asarray(drawing).reshape(-1, 3), axis=0, return_counts=True)
         assert tuple(values[counts.argmax()]) == style.background
