@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from . import voc_synthetic
@@ -25,6 +26,16 @@ def write_class_folders(root: Path, classes: int = 2, per_class: int = 16, size:
             img = np.clip(base + noise, 0, 255).astype(np.uint8)
             Image.fromarray(img).save(folder / f"img_{i:03d}.png")
     return root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip where no CUDA device is visible (CI); `pytest -m cuda` runs them on a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA); run with `python -m pytest -m cuda` on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
