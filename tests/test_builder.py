@@ -172,27 +172,86 @@ def test_small_image_stem():
         build_resnet("vgg16")
 
 
+def _perturb_query_encoder(model: MoCo, scale: float = 0.5) -> None:
+    """Move the query encoder away from the key encoder: on a fresh model they are equal, so a momentum step
+    run twice, or never, would leave the key encoder where one step leaves it."""
+    with torch.no_grad():
+        for param in model.encoder_q.parameters():
+            param.add_(scale * torch.randn_like(param))
+
+
+def _linear_keys(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A LinearEncoder's normalised output, written out: the reference key forward."""
+    return F.normalize(x.flatten(1) @ weight.T + bias, dim=1)
+
+
 def test_symmetric_loss_stacks_both_directions_and_enqueues_both_key_batches():
-    """Rows 0..N-1: view 1 as query against view 2's key; rows N..2N-1 the other way; both key sets queued."""
+    """Rows 0..N-1: view 1 as query against view 2's key; rows N..2N-1 the other way; both key sets queued.
+
+    The key encoder ends one momentum step from where it started, m k + (1 - m) q, and both key batches are
+    encoded with that stepped encoder (one update, before either key forward).
+    """
     model = tiny_moco(K=8, m=0.5, symmetric=True)
+    _perturb_query_encoder(model)
+    w_q, b_q = model.encoder_q.fc.weight.detach().clone(), model.encoder_q.fc.bias.detach().clone()
+    w_k, b_k = model.encoder_k.fc.weight.detach().clone(), model.encoder_k.fc.bias.detach().clone()
+    assert not torch.allclose(w_q, w_k)
+    w_ref, b_ref = 0.5 * w_k + 0.5 * w_q, 0.5 * b_k + 0.5 * b_q
     im1, im2 = torch.randn(2, 6), torch.randn(2, 6)
     queue = model.queue.clone()
     logits, labels = model(im1, im2)
-    # the momentum update ran once, before either key forward
-    enc = model.encoder_k
-    k1, k2 = F.normalize(enc(im1), dim=1), F.normalize(enc(im2), dim=1)
-    q1, q2 = F.normalize(model.encoder_q(im1), dim=1), F.normalize(model.encoder_q(im2), dim=1)
+    assert torch.allclose(model.encoder_k.fc.weight, w_ref, atol=1e-6)
+    assert torch.allclose(model.encoder_k.fc.bias, b_ref, atol=1e-6)
+    k1, k2 = _linear_keys(w_ref, b_ref, im1), _linear_keys(w_ref, b_ref, im2)
+    q1, q2 = _linear_keys(w_q, b_q, im1), _linear_keys(w_q, b_q, im2)
     expected = torch.cat([
         torch.cat([(q1 * k2).sum(1, keepdim=True), q1 @ queue], dim=1),
         torch.cat([(q2 * k1).sum(1, keepdim=True), q2 @ queue], dim=1),
     ]) / model.T
     assert logits.shape == (4, 9) and torch.equal(labels, torch.zeros(4, dtype=torch.long))
-    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(logits, expected, atol=1e-5)
     assert int(model.queue_ptr) == 4
     assert torch.allclose(model.queue[:, :4], torch.cat([k2, k1]).T, atol=1e-6)
     loss = F.cross_entropy(logits, labels)
     halves = (F.cross_entropy(logits[:2], labels[:2]) + F.cross_entropy(logits[2:], labels[2:])) / 2
     assert torch.allclose(loss, halves)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_training_steps_follow_a_step_by_step_reference(symmetric: bool):
+    """Several SGD steps against a reference kept here: before each step's key forward the key encoder takes
+    exactly one momentum step towards the query encoder as it is then; the logits use those keys and the
+    queue as it was; the keys enter the queue. An update run twice, never, or after the keys fails this."""
+    m, lr, steps, batch = 0.9, 0.5, 4, 2
+    model = tiny_moco(K=16, m=m, T=0.5, symmetric=symmetric)
+    _perturb_query_encoder(model)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr)
+    w_k, b_k = model.encoder_k.fc.weight.detach().clone(), model.encoder_k.fc.bias.detach().clone()
+    queue = model.queue.clone()
+    ptr = 0
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        im_q, im_k = torch.randn(batch, 6, generator=gen), torch.randn(batch, 6, generator=gen)
+        w_q, b_q = model.encoder_q.fc.weight.detach().clone(), model.encoder_q.fc.bias.detach().clone()
+        w_k, b_k = m * w_k + (1 - m) * w_q, m * b_k + (1 - m) * b_q
+        pairs = [(im_q, im_k), (im_k, im_q)] if symmetric else [(im_q, im_k)]
+        expected, new_keys = [], []
+        for x_q, x_k in pairs:
+            q, k = _linear_keys(w_q, b_q, x_q), _linear_keys(w_k, b_k, x_k)
+            expected.append(torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / 0.5)
+            new_keys.append(k)
+        logits, labels = model(im_q, im_k)
+        assert torch.allclose(model.encoder_k.fc.weight, w_k, atol=1e-6), step
+        assert torch.allclose(model.encoder_k.fc.bias, b_k, atol=1e-6), step
+        assert torch.allclose(logits, torch.cat(expected), atol=1e-5), step
+        keys = torch.cat(new_keys)
+        queue[:, ptr:ptr + len(keys)] = keys.T
+        ptr = (ptr + len(keys)) % 16
+        assert int(model.queue_ptr) == ptr and torch.allclose(model.queue, queue, atol=1e-6), step
+        optimizer.zero_grad()
+        F.cross_entropy(logits, labels).backward()
+        optimizer.step()
+        assert not torch.allclose(model.encoder_q.fc.weight, w_q)  # the query encoder moves every step
 
 
 def test_queue_pointer_follows_a_loaded_state_dict():
