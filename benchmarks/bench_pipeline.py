@@ -5,18 +5,23 @@ Prints, for the same data, model and batch:
   (b) the device pipeline alone (workers read bytes; decode_jpeg and both views on the device), with
       decode and augmentation timed apart;
   (c) the model-only training step on views already on the device;
-  (d) end-to-end training (train_one_epoch) with each pipeline, and its ratio to (c).
-Target on a GPU: end-to-end bf16 with the device pipeline >= 0.90 of the model-only step.
+  (d) end-to-end training (train_one_epoch) with each pipeline, and its ratio to (c);
+  (e) end to end with the device pipeline and torch.compile'd encoders (--compile), its compile time apart,
+      and the loss of the compiled and the eager model on one identical batch.
+Targets on a GPU: end-to-end bf16 with the device pipeline >= 0.90 of the model-only step; the device pipeline
+alone >= 2x the model-only step. `--json PATH` also writes every figure there (benchmarks/gpu_check.sh does).
 
     python benchmarks/bench_pipeline.py                    # resnet50, 224 px, batch 256, bf16 + channels_last on CUDA
     python benchmarks/bench_pipeline.py --quick            # tiny, on CPU: a smoke test (resnet18, 32 px, few steps)
-    python benchmarks/bench_pipeline.py --workers 16 --images 10240 --keep-data /tmp/jpegs
+    python benchmarks/bench_pipeline.py --workers 16 --keep-data /tmp/jpegs --json figures.json
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
 import os
 import shutil
 import statistics
@@ -35,7 +40,7 @@ from PIL import Image
 
 from moco_transfer.pretrain.config import PretrainConfig, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
-from moco_transfer.pretrain.engine import build_model, build_optimizer, train_one_epoch
+from moco_transfer.pretrain.engine import build_model, build_optimizer, compile_encoders, train_one_epoch
 from moco_transfer.pretrain.gpu_pipeline import DevicePipeline, resolve_pipeline, training_dtype
 
 
@@ -131,22 +136,46 @@ def loader_rate(loader: Iterable, device: torch.device, batch: int, skip: int) -
     return timed.rate(batch, time.perf_counter(), consumed=False)
 
 
-def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int, epochs: int) -> float:
-    """images/s of train_one_epoch (the real loop) over the last epoch, its first `skip` batches left out."""
+def make_model(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_encoders(model)
+    return model
+
+
+def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int, epochs: int
+               ) -> tuple[float, list[float]]:
+    """images/s of train_one_epoch (the real loop) over the last epoch, its first `skip` batches left out; and
+    each epoch's wall time (the first one holds compilation when cfg.compile)."""
+    model = make_model(cfg, device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    rate = float("nan")
+    rate, walls = float("nan"), []
     for epoch in range(epochs):
         if hasattr(loader, "sampler"):  # a DataLoader or a DevicePipeline, not RepeatedViews
             seed_epoch(loader, cfg.seed, epoch)
         timed = Timed(loader, skip)
+        started = time.perf_counter()
         train_one_epoch(model, timed, optimizer, scaler, cfg, device, epoch, cfg.effective_lr)
+        walls.append(time.perf_counter() - started)
         rate = timed.rate(cfg.batch_size, time.perf_counter(), consumed=True)  # the epoch ends with a sync
-    return rate
+    return rate, walls
+
+
+def compiled_loss_gap(cfg: PretrainConfig, views: list[torch.Tensor], device: torch.device) -> float:
+    """|loss(compiled) - loss(eager)| / loss(eager) on one identical batch, same weights and key shuffle."""
+    losses = []
+    for compiled in (False, True):
+        model = make_model(PretrainConfig(**{**cfg.to_dict(), "compile": compiled}), device)
+        torch.manual_seed(1)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits, labels = model(*views)
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), labels).item())
+    return abs(losses[1] - losses[0]) / abs(losses[0])
 
 
 def device_parts(cfg: PretrainConfig, pipeline: DevicePipeline, device: torch.device, repeats: int
@@ -184,6 +213,9 @@ def main() -> None:
                         help="auto: bf16 + channels_last on CUDA, none on CPU")
     parser.add_argument("--jpeg-size", default=None, help="WIDTHxHEIGHT of the synthetic JPEGs (500x375)")
     parser.add_argument("--keep-data", default=None, help="write (or reuse) the JPEG folder here and keep it")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure (e), torch.compile'd encoders (default: on CUDA without --quick)")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -200,6 +232,8 @@ def main() -> None:
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     jpeg = tuple(int(v) for v in (args.jpeg_size or ("96x72" if quick else "500x375")).split("x"))
     skip = 1 if quick else 3  # batches left out of each timing: worker start-up, first-batch latency
+    with_compile = args.compile if args.compile is not None else (device.type == "cuda" and not quick)
+    figures: dict[str, Any] = {}
 
     folder = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     images = batch * (steps + skip)
@@ -222,6 +256,9 @@ def main() -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device} ({name}), "
               f"{cores} CPU cores, {torch.get_num_threads()} threads")
+        figures.update(torch=torch.__version__, torchvision=torchvision.__version__, device=name, cpu_cores=cores,
+                       arch=arch, image_size=size, batch=batch, amp=amp, channels_last=base["channels_last"],
+                       workers=workers, jpeg=f"{jpeg[0]}x{jpeg[1]}", jpeg_kb=round(kb, 1))
         print(f"{images} JPEGs of {jpeg[0]}x{jpeg[1]} ({kb:.0f} KB); {arch} {size}px, batch {batch}, amp {amp}"
               f"{', channels_last' if base['channels_last'] else ''}, K {base['moco_k']}; "
               f"first {skip} batch(es) of each pass untimed")
@@ -231,6 +268,7 @@ def main() -> None:
         a = loader_rate(cpu_loader, device, batch, skip)
         per_worker = a / max(workers, 1)
         row(f"(a) CPU loader alone: PIL aug+, two views, {workers} workers", a, f"{per_worker:.1f} per worker")
+        figures.update(a_cpu_loader=a, a_per_worker=per_worker)
 
         gpu_loader = build_pretrain_loader(gpu_cfg, build_pretrain_dataset(gpu_cfg, device), device)
         assert resolve_pipeline(gpu_cfg, device) == "gpu" and isinstance(gpu_loader, DevicePipeline)
@@ -239,18 +277,37 @@ def main() -> None:
         decode, views_rate, views = device_parts(gpu_cfg, gpu_loader, device, repeats=3 if quick else 10)
         row(f"(b) device pipeline alone: {workers} workers read bytes, {device.type} decodes + augments", b,
             f"one batch in memory: decode {decode:.0f}, two views {views_rate:.0f} img/s")
+        figures.update(b_device_pipeline=b, b_decode_one_batch=decode, b_views_one_batch=views_rate,
+                       b_decoded_on_cpu=gpu_loader.epoch_record()["decoded_on_cpu"])
 
         assert views[0].dtype == training_dtype(gpu_cfg)
         epochs = 1 if quick else 2  # the first of two epochs warms up the allocator, cuDNN and oneDNN
-        c = train_rate(gpu_cfg, RepeatedViews(views, steps + skip), device, skip, epochs)
+        c, _ = train_rate(gpu_cfg, RepeatedViews(views, steps + skip), device, skip, epochs)
         row(f"(c) model-only training step, views already on {device.type}", c,
-            f"a CPU loader would need ~{c / per_worker:.1f} workers to keep up")
+            f"a CPU loader would need ~{c / per_worker:.1f} workers to keep up; device pipeline alone "
+            f"{b / c:.2f}x this (target >= 2)")
+        figures.update(c_model_only_step=c, b_over_c=b / c, cpu_workers_needed=c / per_worker)
 
-        d_cpu = train_rate(cpu_cfg, cpu_loader, device, skip, epochs)
-        d_gpu = train_rate(gpu_cfg, gpu_loader, device, skip, epochs)
+        d_cpu, _ = train_rate(cpu_cfg, cpu_loader, device, skip, epochs)
+        d_gpu, _ = train_rate(gpu_cfg, gpu_loader, device, skip, epochs)
         row("(d) end-to-end training, cpu pipeline", d_cpu, f"{d_cpu / c:.2f} of the model-only step")
         row("    end-to-end training, gpu pipeline", d_gpu, f"{d_gpu / c:.2f} of the model-only step "
             "(target >= 0.90 on a GPU)")
+        figures.update(d_cpu_pipeline=d_cpu, d_gpu_pipeline=d_gpu, d_cpu_over_c=d_cpu / c, d_gpu_over_c=d_gpu / c)
+
+        if with_compile:
+            compile_cfg = PretrainConfig(**{**gpu_cfg.to_dict(), "compile": True})
+            e, walls = train_rate(compile_cfg, gpu_loader, device, skip, max(epochs, 2))
+            compile_s = max(walls[0] - walls[-1], 0.0)
+            gap = compiled_loss_gap(gpu_cfg, views, device)
+            row("(e) end-to-end training, gpu pipeline, --compile", e,
+                f"{e / d_gpu:.2f}x eager end to end; compile ~{compile_s:.0f} s (first epoch minus a later one); "
+                f"loss vs eager on one batch: {gap:.1e} relative")
+            figures.update(e_compile=e, e_over_d_gpu=e / d_gpu, e_over_c=e / c, compile_seconds=compile_s,
+                           compile_loss_relative_gap=gap)
+        if args.json:
+            Path(args.json).write_text(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v)
+                                                       else v) for k, v in figures.items()}, indent=2))
     finally:
         if not args.keep_data:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,31 +1,49 @@
-"""Smoke test of benchmarks/bench_pipeline.py --quick: every measurement runs and prints a positive rate."""
+"""Smoke test of benchmarks/bench_pipeline.py --quick, in process: every measurement runs, prints a positive rate
+and lands in the --json file."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
 
 
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its JPEG writers are pickled by module name
+    return importlib.import_module("bench_pipeline")
+
+
 @pytest.mark.slow
-def test_bench_pipeline_quick_prints_every_rate_and_ratio(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+def test_bench_pipeline_quick_prints_every_rate_and_ratio(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    threads = torch.get_num_threads()
+    out_json = tmp_path / "figures.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out_json)])
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)  # --quick runs the step on one thread
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "\r" not in captured.err  # train_one_epoch's bars: plain lines when not on a terminal
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\(\w\)|    end-to-end)[^\n]*?([\d.]+) img/s", out,
                                                                  re.M)}
     assert set(rates) == {"(a)", "(b)", "(c)", "(d)", "    end-to-end"}, out
     assert all(math.isfinite(r) and r > 0 for r in rates.values()), out
     ratios = [float(r) for r in re.findall(r"([\d.]+) of the model-only step", out)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), out
-    assert "\r" not in done.stderr  # train_one_epoch's bars: plain lines when not on a terminal
+    figures = json.loads(out_json.read_text())
+    assert figures["d_gpu_over_c"] == pytest.approx(ratios[1], abs=0.006)
+    assert figures["b_over_c"] == pytest.approx(figures["b_device_pipeline"] / figures["c_model_only_step"])
+    assert "e_compile" not in figures  # (e) runs on CUDA only unless --compile
     assert list(tmp_path.glob("bench_pipeline_*")) == []  # the synthetic folder is removed afterwards

@@ -29,8 +29,6 @@ from moco_transfer.pretrain.gpu_pipeline import (
     resolve_pipeline,
 )
 
-from .test_pretrain_engine import kill_and_resume_matches_straight_run
-
 CPU = torch.device("cpu")
 _REAL_DECODE = device_decode.decode_jpeg
 TINY = dict(arch="resnet18", small_images=True, image_size=16, batch_size=8, moco_k=32, bn_splits=2,
@@ -368,10 +366,47 @@ def test_the_log_records_cpu_decoded_and_skipped_files(tmp_path):
     assert record["skipped_files"] >= 1 and all("img_005.jpg" in p for p in record["skipped_examples"])
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run_on_the_device_pipeline(tmp_path):
+@pytest.fixture
+def one_thread():
+    """A producer thread, a loader worker and two intra-op threads thrash 2 cores: 4x slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_run_stopped_in_epoch_3_resumes_to_the_losses_and_weights_of_a_straight_run(tmp_path, monkeypatch,
+                                                                                      capsys, one_thread):
+    """In process: the SIGKILL itself is tested with the CPU pipeline (test_pretrain_engine); what the device
+    pipeline adds is that its producer thread draws each epoch's views the same after a resume."""
+    from moco_transfer.checkpoint import load_checkpoint
+    from moco_transfer.pretrain import engine
+
     data = write_jpeg_folders(tmp_path / "data", classes=2, per_class=23)  # 48 files: 6 steps per epoch
-    done = kill_and_resume_matches_straight_run(data, tmp_path, "--data-pipeline", "gpu", "--log-every", "0.05")
-    # Output to a pipe is not a terminal: plain progress lines, no carriage-return redraws.
-    assert "\r" not in done.stdout + done.stderr
-    assert "epoch 1/4: " in done.stderr and '"epoch": 4' in done.stdout
+    settings = {**TINY, "data": str(data), "epochs": 4, "seed": 3, "log_every": 0.05, "workers": 1}
+    engine.run_pretraining(resolve_config("mocov2", overrides={**settings, "output": str(tmp_path / "straight")}))
+    real_epoch = engine.train_one_epoch
+
+    def crash_in_epoch_3(model, loader, *args, **kwargs):  # noqa: ANN001, ANN202
+        if args[4] == 2:
+            raise KeyboardInterrupt  # the run dies with epoch 2's checkpoint on disk
+        return real_epoch(model, loader, *args, **kwargs)
+
+    stopped = resolve_config("mocov2", overrides={**settings, "output": str(tmp_path / "stopped")})
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_pretraining(stopped)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    engine.run_pretraining(stopped, resume="auto")
+    a = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+        assert rb["acc1"] == pytest.approx(ra["acc1"], abs=1e-3)
+    sa = load_checkpoint(tmp_path / "straight" / "checkpoint_0003.pth.tar")["state_dict"]
+    sb = load_checkpoint(tmp_path / "stopped" / "checkpoint_0003.pth.tar")["state_dict"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "epoch 1/4: " in err  # not a terminal: plain progress lines
+    assert not _producer_threads()
