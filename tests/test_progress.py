@@ -6,6 +6,9 @@ import io
 import os
 import pty
 import re
+import select
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,12 +92,29 @@ def test_progress_picks_plain_lines_for_files_and_tqdm_for_terminals(tmp_path):
             bar = progress(range(3), desc="tty", file=terminal, mininterval=0)
             assert isinstance(bar, tqdm)
             for _ in bar:
-                pass
+                pass  # the loop's end closes the bar: its last frame, then a newline (leave=True)
             terminal.flush()
-            drawn = os.read(master, 4096).decode()
+            drawn = read_until(master, lambda text: re.search(r"3/3[^\n]*\n", text) is not None)
     finally:
         os.close(master)
-    assert "\r" in drawn and "tty" in drawn and "3/3" in drawn  # the live bar, redrawn in place
+    assert "\r" in drawn and "tty" in drawn and "3/3" in drawn, repr(drawn)  # the live bar, redrawn in place
+
+
+def read_until(fd: int, done: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """Everything readable from `fd` until `done(text)` holds or `timeout` seconds pass (then what came)."""
+    text, deadline = "", time.monotonic() + timeout
+    while not done(text):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other end is closed and nothing is left
+            break
+        if not chunk:
+            break
+        text += chunk.decode(errors="replace")
+    return text
 
 
 def test_default_interval_comes_from_set_log_every():
