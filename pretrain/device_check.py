@@ -95,6 +95,7 @@ def self_check(device: torch.device) -> SelfCheck:
         data = sample_jpegs()
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         images, refused = decoder.decode(encoded)
+        decoder.fence()  # the images were made on the decoder's stream; they are read below on another
         if refused:
             result.problem = f"the device decoder refused a plain JPEG ({next(iter(refused.values()))})"
             return result
@@ -113,6 +114,7 @@ def self_check(device: torch.device) -> SelfCheck:
         with decoder.on_stream():
             params = augment.sample_params(sizes, generator)
             on_device = augment.apply(images, params)
+        decoder.fence()
         on_cpu = augment.apply([im.cpu() for im in images], {k: v.cpu() for k, v in params.items()})
         diff = (_levels(on_device) - _levels(on_cpu)).abs()
         result.augment_mad, result.augment_max = diff.mean().item(), diff.max().item()

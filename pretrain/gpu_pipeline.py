@@ -216,6 +216,10 @@ class DevicePipeline:
             producer.close()
 
     def _produce(self) -> Iterator[_Batch]:
+        if self.device.type == "cuda":
+            # The current device is per host thread and a new one starts on GPU 0: without this, the loader's
+            # pin-memory thread (started below) and every allocation would open a context on GPU 0 for each rank.
+            torch.cuda.set_device(self.device)
         total = len(self.loader)
         for index, (payload, layout, targets, bad) in enumerate(self.loader):
             try:
