@@ -109,8 +109,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    report: dict[str, Any] = {"gpu": "CPU (smoke run)" if args.cpu_smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "cpu_cores": cores,
+    gpu = "CPU (smoke run)" if args.cpu_smoke else torch.cuda.get_device_name(0)
+    report: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                              "cuda": torch.version.cuda, "cpu_cores": cores,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     failed = False
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
