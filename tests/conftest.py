@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ import torch
 from PIL import Image
 
 from . import voc_synthetic
+
+GPU_REPORT: dict[str, object] = {}
 
 
 def write_class_folders(root: Path, classes: int = 2, per_class: int = 16, size: int = 24, seed: int = 0) -> Path:
@@ -36,6 +40,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_report() -> dict[str, object]:
+    """Figures of the `cuda` tests, written at the end of the session to $MOCO_GPU_CHECK_JSON (gpu_check.sh)."""
+    yield GPU_REPORT
+    path = os.environ.get("MOCO_GPU_CHECK_JSON")
+    if path and GPU_REPORT:
+        Path(path).write_text(json.dumps(GPU_REPORT, indent=2, default=str))
 
 
 @pytest.fixture(scope="session")

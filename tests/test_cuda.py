@@ -3,14 +3,13 @@
 It proves on real CUDA what the CPU-tensor tests can only check as logic: the guarded decoder against the nvJPEG
 allocation race, the self-check, decode fallbacks with nvJPEG's own errors, float16/bfloat16 resampling, no host
 sync inside a training step, the CLI end to end in bf16 + channels_last, and SIGKILL + resume on the device
-pipeline. Figures go to the JSON file named by $MOCO_GPU_CHECK_JSON (benchmarks/gpu_check.sh sets it).
+pipeline. Figures go to the JSON file named by $MOCO_GPU_CHECK_JSON (conftest's gpu_report; gpu_check.sh sets it).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -30,22 +29,18 @@ from moco_transfer.pretrain.device_decode import DeviceDecoder
 from moco_transfer.pretrain.gpu_augment import BatchedMocoAugment
 from moco_transfer.pretrain.gpu_pipeline import DevicePipeline, pipeline_choice
 
+from .conftest import GPU_REPORT as REPORT
 from .test_gpu_pipeline import _array, _jpeg, write_jpeg_folders
 
 pytestmark = pytest.mark.cuda
 
 RACE_ITERATIONS = 200
 SLEEP_CYCLES = 20_000_000
-REPORT: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report():
-    """Collects the figures of this module and writes them where gpu_check.sh reads them."""
-    yield REPORT
-    path = os.environ.get("MOCO_GPU_CHECK_JSON")
-    if path:
-        Path(path).write_text(json.dumps(REPORT, indent=2, default=str))
+def report(gpu_report):
+    return gpu_report
 
 
 @pytest.fixture(scope="module")
