@@ -116,3 +116,31 @@ def test_small_crops_scale_blur_and_take_crop_min():
     _, blur = _find(aug, GaussianBlur)[0]
     assert blur.sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
     assert _find(moco_v1_augmentation(16, crop_min=0.3), T.RandomResizedCrop)[0].scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["-j 0", "-j 1"])
+def test_every_batch_of_an_epoch_is_drawn_the_same_however_the_epoch_is_reached(tmp_path, workers):
+    """CPU pipeline: epoch 2 after epochs 0 and 1 equals epoch 2 of a fresh loader (a resumed run), batch for
+    batch, views and order; with a loader worker the views are drawn there, seeded from the loader."""
+    from moco_transfer.pretrain.config import resolve_config
+    from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+
+    data = write_class_folders(tmp_path / "data", classes=2, per_class=12)  # 24 images: 3 batches of 8
+    cfg = resolve_config("mocov2", overrides={"data": str(data), "output": str(tmp_path / "out"), "image_size": 16,
+                                              "batch_size": 8, "moco_k": 32, "workers": workers,
+                                              "data_pipeline": "cpu", "device": "cpu", "seed": 5})
+    cpu = torch.device("cpu")
+
+    def epoch(loader, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        seed_epoch(loader, cfg.seed, index)
+        return [(torch.stack(list(views)), targets) for views, targets, _ in loader]
+
+    running = build_pretrain_loader(cfg, build_pretrain_dataset(cfg, cpu), cpu)
+    epochs = [epoch(running, i) for i in range(3)]
+    resumed = epoch(build_pretrain_loader(cfg, build_pretrain_dataset(cfg, cpu), cpu), 2)
+    assert len(epochs[2]) == len(resumed) == 3
+    for (views, targets), (views_again, targets_again) in zip(epochs[2], resumed, strict=True):
+        assert torch.equal(views, views_again) and torch.equal(targets, targets_again)
+    assert not torch.equal(views[0], views[1])  # the two views are two draws
+    for other in epochs[:2]:  # other epochs draw other views
+        assert not any(torch.equal(a[0], b[0]) for a, b in zip(other, epochs[2], strict=True))
