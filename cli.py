@@ -5,6 +5,8 @@ Installed as `moco_transfer.cli`; commands are thin: they parse options and call
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -87,6 +89,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--knn-k", type=int),
         click.option("--knn-t", type=float),
         click.option("--keep-every", type=int, help="Also keep every N-th epoch's checkpoint."),
+        click.option("--checkpoint-every-min", type=float,
+                     help="Write a mid-epoch checkpoint every N minutes (default 30; 0: only at epoch ends)."),
         click.option("--print-baseline/--no-print-baseline", default=None,
                      help="At the end, kNN accuracy of the same architecture with random weights."),
         click.option("--data-pipeline", type=click.Choice(["auto", "cpu", "gpu"]),
@@ -107,6 +111,7 @@ def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, .
     from moco_transfer.data import DataError
     from moco_transfer.pretrain.config import ConfigError, resolve_config
     from moco_transfer.pretrain.engine import TrainingDiverged, run_pretraining
+    from moco_transfer.pretrain.preemption import StoppedBySignal
     from moco_transfer.progress import set_log_every
 
     if schedule:
@@ -119,6 +124,9 @@ def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, .
         raise click.UsageError(str(exc)) from None
     except TrainingDiverged as exc:
         raise click.ClickException(str(exc)) from None
+    except StoppedBySignal as exc:  # a graceful stop: exit code EXIT_STOPPED (75) tells a job script to requeue
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
 
 
 # --- convert --------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class PretrainConfig:
     knn_k: int = 200
     knn_t: float = 0.07
     keep_every: int = 0                # also keep every N-th epoch's checkpoint (0: only the newest)
+    checkpoint_every_min: float = 30.0  # mid-epoch checkpoint every N minutes (0: off); see docs/cluster.md
     print_baseline: bool = False       # compare with a random-weights encoder at the end (kNN)
     data_pipeline: str = "auto"        # auto | cpu | gpu: decode + augment in workers (cpu) or on the device
     log_every: float = 30.0            # seconds between plain progress lines when output is not a terminal
@@ -186,6 +187,8 @@ def validate(cfg: PretrainConfig) -> None:
         bad("data_pipeline", "auto, cpu or gpu")
     if not cfg.log_every >= 0:
         bad("log_every", "0 (no progress lines) or a number of seconds")
+    if not cfg.checkpoint_every_min >= 0:
+        bad("checkpoint_every_min", "0 (only epoch checkpoints) or a number of minutes")
 
 
 def save_resolved(cfg: PretrainConfig, folder: str | os.PathLike) -> Path:

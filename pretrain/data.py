@@ -1,9 +1,17 @@
-"""Pretraining data: two augmented views per image, full batches only, deterministic per epoch."""
+"""Pretraining data: two augmented views per image, full batches only, deterministic per epoch and per item.
+
+Every epoch's order comes from `EpochSampler` and every item's views from a seed of its own (`SeededItems`),
+so an epoch draws the same views with any number of loader workers and can resume at any batch: a run
+stopped mid-epoch continues with the views it would have drawn.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from moco_transfer import distributed as du
 from moco_transfer.augment import TwoCrops, moco_v1_augmentation, moco_v2_augmentation
@@ -30,8 +38,65 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
     make_augmentation = moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation
     augmentation = make_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
     if embedded is not None:
-        return embedded_dataset(embedded, "pretrain", TwoCrops(augmentation), cfg.image_size)
-    return ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation))
+        return SeededItems(embedded_dataset(embedded, "pretrain", TwoCrops(augmentation), cfg.image_size))
+    return SeededItems(ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation)))
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Draws item i's views from a seed made of the epoch's seed and i, whichever worker makes it and when.
+
+    The CPU augmentations draw from torch's global generator; here it is forked around each item, so the main
+    process's own draws (the key shuffle) are untouched when the loader runs in it (`--workers 0`).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:  # root, samples, classes, targets of the wrapped set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.epoch_seed * 1_000_003 + index) % (1 << 63))
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices of a seeded per-epoch permutation, optionally starting at a given batch.
+
+    The permutation is shared by all ranks (rank r takes every world-th index, as DistributedSampler does,
+    after dropping the tail that would not split evenly); `start_at(batch)` skips that many of this rank's
+    batches in the next pass only, which is how a mid-epoch checkpoint resumes without reading them.
+    """
+
+    def __init__(self, size: int, batch_size: int, world: int = 1, rank: int = 0) -> None:
+        self.size, self.batch_size, self.world, self.rank = size, batch_size, world, rank
+        self.seed = 0
+        self.start = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed, self.start = seed, 0
+
+    def start_at(self, batch: int) -> None:
+        self.start = batch
+
+    def _indices(self) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        mine = order[:self.size - self.size % self.world][self.rank::self.world]
+        return mine[:len(mine) - len(mine) % self.batch_size][self.start * self.batch_size:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        per_rank = self.size // self.world
+        return max(per_rank - per_rank % self.batch_size - self.start * self.batch_size, 0)
 
 
 def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset,
@@ -48,10 +113,7 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     if len(dataset) // world < per_rank:
         raise DataError(f"{getattr(dataset, 'root', 'data')}: {len(dataset)} images, fewer than one global batch "
                         f"of {cfg.batch_size}; lower --batch-size")
-    if du.is_distributed():
-        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator())
+    sampler = EpochSampler(len(dataset), per_rank, world, du.rank())
     gpu = resolve_pipeline(cfg, device) == "gpu"
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
@@ -68,15 +130,27 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     return DevicePipeline(loader, augment, device)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
 def seed_epoch(loader: DataLoader | DevicePipeline, seed: int, epoch: int) -> None:
     """Make epoch `epoch` draw the same order and augmentations however the run got there (resume)."""
-    epoch_seed = seed * 100_003 + epoch
+    base = epoch_seed(seed, epoch)
     if isinstance(loader, DevicePipeline):
-        loader.seed(epoch_seed + 15_485_863 * (du.rank() + 1))
+        loader.seed(base + 15_485_863 * (du.rank() + 1))
         loader = loader.loader
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.sampler.generator.manual_seed(epoch_seed)
-    loader.generator.manual_seed(epoch_seed + 7919 * (du.rank() + 1))
-    torch.manual_seed(epoch_seed + 104_729 * (du.rank() + 1))
+    loader.sampler.set_epoch_seed(base)
+    if isinstance(loader.dataset, SeededItems):
+        loader.dataset.epoch_seed = base
+    loader.generator.manual_seed(base + 7919 * (du.rank() + 1))
+    torch.manual_seed(base + 104_729 * (du.rank() + 1))
+
+
+def start_epoch_at(loader: DataLoader | DevicePipeline, batch: int, pipeline_state: torch.Tensor | None) -> None:
+    """After seed_epoch: begin the epoch at `batch`, with the device pipeline's generator where it stood then."""
+    if isinstance(loader, DevicePipeline):
+        if pipeline_state is not None:
+            loader.generator.set_state(pipeline_state)
+        loader = loader.loader
+    loader.sampler.start_at(batch)

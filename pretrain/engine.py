@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,9 +32,19 @@ from moco_transfer.progress import progress, write
 
 from .config import ConfigError, PretrainConfig, save_resolved
 from .curves import save_pretrain_curves
-from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch, start_epoch_at
 from .gpu_pipeline import DevicePipeline, pipeline_choice
 from .monitor import KnnMonitor
+from .preemption import (
+    MID_EPOCH_NAME,
+    EpochPosition,
+    StoppedBySignal,
+    StopRequest,
+    agree,
+    newest_checkpoint,
+    random_states,
+    restore_random_states,
+)
 from .schedule import lr_at_epoch
 
 CURVES_NAME = "curves.png"
@@ -124,6 +135,23 @@ class EpochStats:
     acc1: float
     images_per_s: float
     skipped: list[str]
+    stopped_at: EpochPosition | None = None  # set when a stop signal ended the epoch early
+
+
+@dataclass
+class EpochControl:
+    """What train_one_epoch needs beyond the step: where to start, when to stop, when to save.
+
+    `save(position)` writes the mid-epoch checkpoint; it runs every `save_every_s` seconds (0: never) at a
+    figures read. Under torchrun the reads fall every `read_every` steps (agreed by all ranks), so a stop or a
+    save is decided by all of them at the same step, with one small all-reduce per read.
+    """
+
+    stop: StopRequest | None = None
+    save: Callable[[EpochPosition], None] | None = None
+    save_every_s: float = 0.0
+    start: EpochPosition | None = None
+    read_every: int = 10
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -139,24 +167,31 @@ SYNC_SECONDS = 1.0  # how often train_one_epoch reads the step figures from the 
 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device, epoch: int,
-                    lr: float) -> EpochStats:
+                    lr: float, control: EpochControl | None = None) -> EpochStats:
     """One epoch of MoCo steps without a host sync per step.
 
     Each step's loss and top-1 stay on the device in a per-epoch buffer; the host reads the new entries in one
-    transfer about every SYNC_SECONDS and at the end of the epoch, checks them for NaN/inf there and names the
-    first bad step. The epoch's checkpoint is written only after that last check, so the previous good one stays.
+    transfer about every SYNC_SECONDS (under torchrun: every `control.read_every` steps) and at the end of the
+    epoch, checks them for NaN/inf there and names the first bad step. The epoch's checkpoint is written only
+    after that last check, so the previous good one stays. A stop request ends the epoch after the step in
+    progress (single process) or at the next read (all ranks at once); the caller then saves where it stood.
     """
+    control = control or EpochControl()
+    start = control.start or EpochPosition(epoch, 0, 0.0, 0.0)
+    distributed = du.is_distributed()
     model.train()
     amp_dtype = autocast_dtype(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    total_steps = len(loader)
-    figures = torch.zeros(total_steps, 2, device=device)  # per step: loss, top-1 fraction
-    loss_sum = acc_sum = 0.0
+    total_steps = start.step + len(loader)
+    figures = torch.zeros(max(len(loader), 1), 2, device=device)  # per step: loss, top-1 fraction
+    loss_sum, acc_sum = start.loss_sum, start.acc_sum
     steps = read = 0
     skipped: list[str] = []
-    start = last_read = time.perf_counter()
-    bar = progress(total=total_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not du.is_main_process(),
-                   dynamic_ncols=True, leave=False, mininterval=1.0, log_every=cfg.log_every)
+    stopped = False
+    begin = last_read = last_save = time.perf_counter()
+    bar = progress(total=total_steps, initial=start.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not du.is_main_process(), dynamic_ncols=True, leave=False, mininterval=1.0,
+                   log_every=cfg.log_every)
 
     def read_figures() -> None:
         nonlocal loss_sum, acc_sum, read
@@ -165,15 +200,18 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             if not math.isfinite(loss_value):
                 bar.close()
                 raise TrainingDiverged(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {read + offset + 1} (lr {lr:.4g}); the run "
-                    f"stopped and the last good checkpoint in {cfg.output} is intact. Lower --lr or --base-lr"
-                    f"{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {start.step + read + offset + 1} "
+                    f"(lr {lr:.4g}); the run stopped and the last good checkpoint in {cfg.output} is intact. Lower "
+                    f"--lr or --base-lr{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
             loss_sum += loss_value
             acc_sum += acc * 100.0
         read = steps
-        images_per_s = steps * cfg.batch_size / (time.perf_counter() - start)
+        images_per_s = steps * cfg.batch_size / (time.perf_counter() - begin)
         bar.set_postfix(loss=f"{sum(w[0] for w in window) / max(len(window), 1):.4f}", lr=f"{lr:.4g}",
                         img_s=f"{images_per_s:.1f}", refresh=False)
+
+    def position() -> EpochPosition:
+        return EpochPosition(epoch, start.step + steps, loss_sum, acc_sum)
 
     batches = iter(loader)
     try:
@@ -191,10 +229,22 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             figures[steps, 0] = loss.detach()
             figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
             steps += 1
-            if time.perf_counter() - last_read >= SYNC_SECONDS:
-                read_figures()
-                last_read = time.perf_counter()
             bar.update()
+            now = time.perf_counter()
+            due = steps % control.read_every == 0 if distributed else now - last_read >= SYNC_SECONDS
+            wants_stop = control.stop is not None and control.stop.requested
+            if not (due or (wants_stop and not distributed)):
+                continue
+            read_figures()
+            last_read = now
+            save_due = control.save is not None and control.save_every_s > 0 and now - last_save >= control.save_every_s
+            stop, save = agree([wants_stop, save_due], device)
+            if stop and steps < len(loader):
+                stopped = True
+                break
+            if save and steps < len(loader):
+                control.save(position())
+                last_save = time.perf_counter()
     finally:  # a device pipeline's producer thread stops here, also when the step raised or on Ctrl-C
         close = getattr(batches, "close", None)
         if close is not None:
@@ -202,12 +252,14 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     if read < steps:
         read_figures()
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - begin
+    done = start.step + steps
     return EpochStats(
-        loss=du.all_reduce_mean(loss_sum / max(steps, 1), device),
-        acc1=du.all_reduce_mean(acc_sum / max(steps, 1), device),
+        loss=du.all_reduce_mean(loss_sum / max(done, 1), device),
+        acc1=du.all_reduce_mean(acc_sum / max(done, 1), device),
         images_per_s=steps * cfg.batch_size / elapsed,
         skipped=skipped,
+        stopped_at=position() if stopped else None,
     )
 
 
@@ -222,7 +274,7 @@ def resolve_resume(resume: str | None, output: str) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        latest = find_latest(output)
+        latest = newest_checkpoint(output)
         if latest is None:
             log(f"--resume auto: no checkpoint in {output}; starting from scratch")
         return latest
@@ -230,7 +282,11 @@ def resolve_resume(resume: str | None, output: str) -> Path | None:
 
 
 def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Train MoCo as configured; returns a summary (last epoch's figures, kNN accuracies, checkpoint path)."""
+    """Train MoCo as configured; returns a summary (last epoch's figures, kNN accuracies, checkpoint path).
+
+    SIGTERM or SIGUSR1 stops the run after the step in progress (StoppedBySignal, after the mid-epoch
+    checkpoint is written); `resume="auto"` continues from the newest checkpoint, mid-epoch ones included.
+    """
     device = select_device(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
@@ -243,7 +299,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         compile_encoders(model)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start_epoch, history = 0, []
+    start_epoch, history, position, rng_states, stored_knn = 0, [], None, None, None
 
     resume_path = resolve_resume(resume, cfg.output)
     if resume_path is not None:
@@ -256,14 +312,17 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         if "scaler" in ckpt and cfg.amp == "fp16":
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = int(ckpt.get("epoch", 0)), list(ckpt.get("history", []))
-        log(f"resumed from {resume_path} at epoch {start_epoch}")
+        stored_knn = ckpt.get("random_init_knn")
+        position, rng_states = _mid_epoch_start(ckpt, resume_path)
 
     train_model: nn.Module = model
     if du.is_distributed():
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = KnnMonitor(cfg, device) if (cfg.knn_every or cfg.print_baseline) and du.is_main_process() else None
-    random_init_knn = _random_init_knn(cfg, monitor, device) if monitor is not None and cfg.print_baseline else None
+    random_init_knn = None
+    if monitor is not None and cfg.print_baseline:
+        random_init_knn = _random_init_knn(cfg, monitor, device, stored_knn)
     choice = pipeline_choice(cfg, device)  # the self-check's verdict, cached when the loader was built
     if du.is_main_process():
         save_resolved(cfg, out)
@@ -277,39 +336,71 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         if choice.reason:
             log(choice.reason)
 
+    def save_mid_epoch(at: EpochPosition) -> Path:
+        pipeline_rng = loader.consumed_rng if isinstance(loader, DevicePipeline) else None
+        states = random_states(pipeline_rng, device)  # every rank takes part
+        path = out / MID_EPOCH_NAME
+        if du.is_main_process():
+            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "loss_sum": at.loss_sum,
+                                   "acc_sum": at.acc_sum, "rng": states}}
+            atomic_save(_checkpoint(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
+        du.barrier()
+        return path
+
+    stop = StopRequest().install()
+    read_every = 10  # under torchrun; set from the measured step rate after each epoch
     ckpt_path = find_latest(out) if start_epoch else None
     epochs_bar = progress(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
                           disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0,
                           log_every=cfg.log_every)
-    for epoch in epochs_bar:
-        lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        seed_epoch(loader, cfg.seed, epoch)
-        stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr)
-        record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
-                  "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
-        if isinstance(loader, DevicePipeline):
-            record.update(loader.epoch_record())
-            warning = loader.fallback_warning()
-            if warning:
-                log(warning)
-        if stats.skipped:
-            record["skipped_examples"] = stats.skipped[:20]
-            log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
-                + "; ".join(stats.skipped[:3]))
-        last = epoch + 1 == cfg.epochs
-        if monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or last):
-            record["knn_top1"] = round(monitor(model.encoder_q), 3)
-        epochs_bar.set_postfix(loss=f"{stats.loss:.4f}", acc1=f"{stats.acc1:.1f}", lr=f"{lr:.4g}",
-                               img_s=f"{stats.images_per_s:.1f}", refresh=False)
-        log(json.dumps(record))
-        history.append(record)
-        if du.is_main_process():
-            ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out)
-            _write_log(out, history)
-            _write_curves(cfg, out, history, random_init_knn)
-        du.barrier()
+    try:
+        for epoch in epochs_bar:
+            lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            seed_epoch(loader, cfg.seed, epoch)
+            control = EpochControl(stop=stop, save=save_mid_epoch, save_every_s=cfg.checkpoint_every_min * 60.0,
+                                   read_every=read_every)
+            if position is not None and position.epoch == epoch:
+                start_epoch_at(loader, position.step, rng_states.get("pipeline"))
+                restore_random_states(rng_states, device)
+                control.start, position = position, None
+            stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr, control)
+            if stats.stopped_at is not None:
+                path = save_mid_epoch(stats.stopped_at)
+                total = (control.start.step if control.start else 0) + len(loader)
+                raise StoppedBySignal(f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch "
+                                      f"{stats.stopped_at.step} of {total}; wrote {path}. Continue with --resume auto.")
+            rate = du.all_reduce_mean(stats.images_per_s / cfg.batch_size, device)  # steps/s, equal on every rank
+            read_every = max(1, min(1000, round(SYNC_SECONDS * rate)))
+            record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
+                      "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
+            if isinstance(loader, DevicePipeline):
+                record.update(loader.epoch_record())
+                warning = loader.fallback_warning()
+                if warning:
+                    log(warning)
+            if stats.skipped:
+                record["skipped_examples"] = stats.skipped[:20]
+                log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
+                    + "; ".join(stats.skipped[:3]))
+            last = epoch + 1 == cfg.epochs
+            if monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or last):
+                record["knn_top1"] = round(monitor(model.encoder_q), 3)
+            epochs_bar.set_postfix(loss=f"{stats.loss:.4f}", acc1=f"{stats.acc1:.1f}", lr=f"{lr:.4g}",
+                                   img_s=f"{stats.images_per_s:.1f}", refresh=False)
+            log(json.dumps(record))
+            history.append(record)
+            if du.is_main_process():
+                ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out, random_init_knn)
+                _write_log(out, history)
+                _write_curves(cfg, out, history, random_init_knn)
+            du.barrier()
+            if not last and agree([stop.requested], device)[0]:
+                raise StoppedBySignal(f"stopped by {stop.signal_name} after epoch {epoch + 1}; wrote {ckpt_path}. "
+                                      "Continue with --resume auto.")
+    finally:
+        stop.close()
     epochs_bar.close()
 
     summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(ckpt_path) if ckpt_path else None,
@@ -330,15 +421,40 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
     return summary
 
 
-def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device) -> float:
-    """kNN top-1 of the same architecture with random weights (seeded), measured once before training.
+def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | None, dict[str, Any] | None]:
+    """Where a mid-epoch checkpoint stood, and this rank's random states; (None, None) for epoch checkpoints."""
+    mid = ckpt.get("mid_epoch")
+    if mid is None:
+        log(f"resumed from {path} at epoch {int(ckpt.get('epoch', 0))}")
+        return None, None
+    states = mid["rng"]
+    epoch, step = int(mid["epoch"]), int(mid["step"])
+    if len(states) != du.world_size():
+        log(f"{path}: written by {len(states)} process(es), this run has {du.world_size()}: epoch {epoch + 1} "
+            "starts again from its first batch")
+        return None, None
+    log(f"resumed from {path} in epoch {epoch + 1}, after its batch {step}")
+    return EpochPosition(epoch, step, float(mid["loss_sum"]), float(mid["acc_sum"])), states[du.rank()]
 
-    The global RNG is left as it was, so the training run draws what it would have drawn without it.
+
+def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device,
+                     stored: dict[str, Any] | None = None) -> float:
+    """kNN top-1 of the same architecture with random weights (seeded), measured once per run.
+
+    Deterministic, so a resumed run takes it from its checkpoint when nothing it depends on changed. The
+    global RNG is left as it was, so the training run draws what it would have drawn without it.
     """
+    key = _random_init_key(cfg)
+    if stored is not None and stored.get("key") == key:
+        return float(stored["value"])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         random_encoder = build_resnet(cfg.arch, small_images=cfg.small_images).to(device)
         return round(monitor(random_encoder), 3)
+
+
+def _random_init_key(cfg: PretrainConfig) -> list[Any]:
+    return [cfg.arch, cfg.small_images, cfg.image_size, cfg.seed, cfg.knn_k, cfg.knn_t, cfg.knn_data or cfg.data]
 
 
 def _write_curves(cfg: PretrainConfig, out: Path, history: list[dict[str, Any]],
@@ -349,20 +465,32 @@ def _write_curves(cfg: PretrainConfig, out: Path, history: list[dict[str, Any]],
                          random_init_knn=random_init_knn)
 
 
-def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-          epoch: int, history: list[dict[str, Any]], out: Path) -> Path:
-    """Write this epoch's checkpoint atomically, then drop the previous one unless it is to be kept."""
-    path = out / checkpoint_name(epoch)
-    previous = find_latest(out)
-    atomic_save({
-        "epoch": epoch + 1,
+def _checkpoint(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                completed: int, history: list[dict[str, Any]], random_init_knn: float | None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The official layout (`epoch` = completed epochs, `arch`, `state_dict`, `optimizer`) plus this project's."""
+    ckpt = {
+        "epoch": completed,
         "arch": cfg.arch,
         "state_dict": with_module_prefix(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "config": cfg.to_dict(),
         "history": history,
-    }, path)
+    }
+    if random_init_knn is not None:
+        ckpt["random_init_knn"] = {"value": random_init_knn, "key": _random_init_key(cfg)}
+    return {**ckpt, **(extra or {})}
+
+
+def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          epoch: int, history: list[dict[str, Any]], out: Path, random_init_knn: float | None = None) -> Path:
+    """Write this epoch's checkpoint atomically, then drop the previous one unless it is to be kept, and the
+    mid-epoch one, which is older now."""
+    path = out / checkpoint_name(epoch)
+    previous = find_latest(out)
+    atomic_save(_checkpoint(cfg, model, optimizer, scaler, epoch + 1, history, random_init_knn), path)
+    (out / MID_EPOCH_NAME).unlink(missing_ok=True)
     if previous is not None and previous != path:
         prev_epoch = int(previous.name.split("_")[1].split(".")[0])
         if not (cfg.keep_every and (prev_epoch + 1) % cfg.keep_every == 0):

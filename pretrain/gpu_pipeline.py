@@ -167,6 +167,7 @@ class _Batch(NamedTuple):
     targets: torch.Tensor
     bad: list[str]
     ready: torch.cuda.Event | None  # recorded on the decoder's stream after the views were made
+    rng_after: torch.Tensor  # the augmentation generator's state after this batch's draws
 
 
 class DevicePipeline:
@@ -191,6 +192,7 @@ class DevicePipeline:
         self.generator = torch.Generator(device=self.device)
         self.counts = DecodeCounts()
         self._warned = False
+        self.consumed_rng: torch.Tensor | None = None  # generator state after the last batch handed over
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -236,7 +238,7 @@ class DevicePipeline:
                 raise _with_context(exc, f"device data pipeline (--data-pipeline gpu), batch {index + 1} of "
                                          f"{total} on {self.device}") from exc
             self.counts.images += len(targets)
-            yield _Batch(views, targets, bad + more_bad, ready)
+            yield _Batch(views, targets, bad + more_bad, ready, self.generator.get_state())
 
     def _hand_over(self, batch: _Batch) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
         """Order the training stream after the batch's kernels (no host wait) and keep its memory until used.
@@ -249,6 +251,7 @@ class DevicePipeline:
             stream.wait_event(batch.ready)
             for view in batch.views:
                 view.record_stream(stream)
+        self.consumed_rng = batch.rng_after  # the producer may be batches ahead: a mid-epoch save needs this one
         return batch.views, batch.targets, batch.bad
 
     def decode(self, payload: torch.Tensor, layout: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor],

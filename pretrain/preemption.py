@@ -1,0 +1,125 @@
+"""Stopping and resuming in the middle of an epoch: signals, the mid-epoch checkpoint and what it must hold.
+
+Clusters stop jobs with a signal shortly before they kill them (Slurm: SIGTERM, or SIGUSR1 with `--signal`).
+`StopRequest` turns SIGTERM and SIGUSR1 into a flag that the training loop reads between steps; the run then
+writes `checkpoint_mid_epoch.pth.tar` and exits with EXIT_STOPPED. The same file is written every
+`--checkpoint-every-min` minutes, so a SIGKILL loses at most that much. It holds everything an epoch
+checkpoint holds plus where the epoch stood: the batch reached, the running loss and accuracy sums, and every
+rank's random states (the global CPU and CUDA generators that the key shuffle draws from, and the device
+pipeline's augmentation generator), so `--resume auto` continues with the batches and views the epoch would
+have had.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moco_transfer import distributed as du
+from moco_transfer.checkpoint import CheckpointError, find_latest, load_checkpoint
+
+MID_EPOCH_NAME = "checkpoint_mid_epoch.pth.tar"
+# sysexits' EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Slurm scripts requeue on it.
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StoppedBySignal(Exception):
+    """The run stopped on a signal after writing its mid-epoch checkpoint; resume with `--resume auto`."""
+
+    exit_code = EXIT_STOPPED
+
+
+class StopRequest:
+    """SIGTERM and SIGUSR1 set `signal_name`; the loop reads it between steps. Handlers are restored on close.
+
+    The handler only records the signal, so a second signal while the checkpoint is written changes nothing:
+    the save finishes and the run exits once. Installed only from the main thread (Python's rule for signals).
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class EpochPosition:
+    """Where an epoch stood: `step` batches done, with their summed loss and top-1 (%)."""
+
+    epoch: int  # 0-based index of the epoch in progress
+    step: int
+    loss_sum: float
+    acc_sum: float
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on any rank is true on all (one small all-reduce); the flags as they are in one process."""
+    if not du.is_distributed():
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def random_states(pipeline_state: torch.Tensor | None, device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's generators, gathered on all ranks (rank r's at index r): a collective in a process group."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "pipeline": pipeline_state.cpu() if pipeline_state is not None else None}
+    if not du.is_distributed():
+        return [mine]
+    gathered: list[Any] = [None] * du.world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore_random_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The mid-epoch checkpoint when it is newer than the newest epoch checkpoint, else that one (or None)."""
+    latest = find_latest(folder)
+    mid = Path(folder) / MID_EPOCH_NAME
+    if not mid.is_file():
+        return latest
+    try:
+        mid_epoch = int(load_checkpoint(mid)["mid_epoch"]["epoch"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return latest  # a broken or foreign file: the epoch checkpoints decide
+    completed = int(load_checkpoint(latest).get("epoch", 0)) if latest is not None else 0
+    return mid if mid_epoch >= completed else latest
