@@ -37,7 +37,9 @@ from .gpu_scaling import Change, scale_to_gpus
 from .voc_layout import VocLayoutError, check_voc_root, our_name
 from .voc_memory import MemoryPlan, TrialShape, plan_memory
 from .voc_schedule import (
+    DIST_URL_ENV,
     PoolJob,
+    PortBook,
     child_env,
     gpu_groups,
     last_checkpoint_iteration,
@@ -351,20 +353,36 @@ def _record_run(options: VocOptions, prep: Prepared, fresh: bool) -> None:
     update_run(options.output, **record)
 
 
-def _probe_plan(prep: Prepared, options: VocOptions, echo: Callable[[str], None], failed_at: str | None = None,
-                failed_peak: int | None = None) -> MemoryPlan | None:
-    """Run `voc_probe` in a subprocess on the first GPU of the first group; None if it could not run."""
-    cfg_file = options.output / "probe_config.yaml"
-    cfg_file.write_text(prep.cfg.dump())
-    cmd = [sys.executable, "-m", "moco_transfer.eval.voc_probe", str(cfg_file), str(options.voc_root),
-           "--shape", json.dumps(asdict(prep.shape))]
+def run_gpus(groups: Sequence[Sequence[str]]) -> list[str]:
+    """Every GPU the run uses, each once, in order: what the memory pre-flight reads."""
+    return list(dict.fromkeys(d for group in groups for d in group))
+
+
+def probe_argv(cfg_file: Path, voc_root: Path, shape: TrialShape, gpu_ids: Sequence[str],
+               failed_at: str | None = None, failed_peak: int | None = None) -> list[str]:
+    """The command of the probe process (`voc_probe`)."""
+    cmd = [sys.executable, "-m", "moco_transfer.eval.voc_probe", str(cfg_file), str(voc_root),
+           "--shape", json.dumps(asdict(shape)), "--gpu-ids", ",".join(gpu_ids)]
     if failed_at is not None:
         cmd += ["--failed-at", failed_at] + ([] if failed_peak is None else ["--failed-peak", str(failed_peak)])
-    echo("memory pre-flight: probe iterations at the largest training size on GPU "
-         f"{prep.groups[0][0]} ...")
+    return cmd
+
+
+def _probe_plan(prep: Prepared, options: VocOptions, echo: Callable[[str], None], failed_at: str | None = None,
+                failed_peak: int | None = None) -> MemoryPlan | None:
+    """Run `voc_probe` in a fresh process that sees every GPU of the run; None if it could not run.
+
+    A fresh process, also for the re-probe after a training OOM: the trial processes have ended by then and this
+    process never holds a CUDA context (GPU trials run in subprocesses), so the free memory read is the GPUs'.
+    A probe that fails for a reason other than memory raises VocSetupError with its message.
+    """
+    cfg_file = options.output / "probe_config.yaml"
+    cfg_file.write_text(prep.cfg.dump())
+    gpus = run_gpus(prep.groups)
+    cmd = probe_argv(cfg_file, options.voc_root, prep.shape, gpus, failed_at, failed_peak)
+    echo(f"memory pre-flight: probe iterations at the largest training size on GPU {', '.join(gpus)} ...")
     try:
-        proc = subprocess.run(cmd, env=child_env(os.environ, prep.groups[0][:1], 1), capture_output=True,
-                              text=True, timeout=1800)
+        proc = subprocess.run(cmd, env=child_env(os.environ, gpus, 1), capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
         echo("warning: memory probe timed out after 30 min; continuing without it")
         return None
@@ -374,6 +392,8 @@ def _probe_plan(prep: Prepared, options: VocOptions, echo: Callable[[str], None]
 
     result = next((json.loads(line[len(RESULT_MARK):]) for line in reversed(proc.stdout.splitlines())
                    if line.startswith(RESULT_MARK)), None)
+    if result is not None and "error" in result:
+        raise VocSetupError(f"memory pre-flight: the probe failed on GPU {', '.join(gpus)}: {result['error']}")
     if result is None or "skipped" in result:
         why = result["skipped"] if result else "\n".join((proc.stderr or "").strip().splitlines()[-8:])
         echo(f"warning: memory probe could not run ({why}); continuing without it")
@@ -472,21 +492,44 @@ def _action(k: int, seed: int, state: TrialState, folder: Path, trials: int) -> 
     return f"trial {k + 1}/{trials} (seed {seed}): {action} in {folder}"
 
 
+def trial_argv(folder: Path, voc_root: Path, seed: int, gpus: int) -> list[str]:
+    """The command of one trial process (`voc_train`); its rendezvous comes in DIST_URL_ENV."""
+    return [sys.executable, "-m", "moco_transfer.eval.voc_train", str(folder / "config.yaml"), str(voc_root),
+            str(seed), "--gpus", str(gpus)]
+
+
 def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
                     book: RunBook, echo: Callable[[str], None]) -> None:
-    from detectron2.engine import launch
-
+    """One trial after another. On GPUs each runs in a subprocess (output to this terminal), so that this process
+    never holds a CUDA context or cache that a later trial or the re-probe after an OOM would have to share; on
+    the CPU in this process, through detectron2's `launch`."""
+    ports = PortBook()
     for k, seed, folder, state in todo:
         echo(_action(k, seed, state, folder, options.trials))
         book.started(k)
-        try:
-            launch(run_trial, max(1, options.gpus_per_trial), dist_url=options.dist_url,
-                   args=(str(folder / "config.yaml"), str(options.voc_root), seed))
-        except Exception as exc:
-            if isinstance(exc, TrialOutOfMemory) or read_oom(folder) is not None:
+        if options.gpus_per_trial > 0:
+            url = ports.take(k) if options.dist_url == "auto" else options.dist_url
+            env = {**child_env(os.environ, prep.groups[0], 1), DIST_URL_ENV: url}
+            argv = trial_argv(folder, options.voc_root, seed, options.gpus_per_trial)
+            code = subprocess.run(argv, env=env).returncode
+            ports.release(k)
+            if code == EXIT_OOM or read_oom(folder) is not None:
                 book.finished(k)
-                raise out_of_memory_error(prep, options, k, echo) from None
-            raise
+                raise out_of_memory_error(prep, options, k, echo)
+            if code != 0:
+                book.finished(k)
+                raise TrialFailed(f"trial {k} failed (exit code {code}); see {folder / 'log.txt'}")
+        else:
+            from detectron2.engine import launch
+
+            try:
+                launch(run_trial, 1, dist_url=options.dist_url,
+                       args=(str(folder / "config.yaml"), str(options.voc_root), seed))
+            except Exception as exc:
+                if isinstance(exc, TrialOutOfMemory) or read_oom(folder) is not None:
+                    book.finished(k)
+                    raise out_of_memory_error(prep, options, k, echo) from None
+                raise
         if book.finished(k) is None:
             raise TrialFailed(f"trial {k} ended without {folder / 'metrics.json'}; see {folder / 'log.txt'}")
 
@@ -498,19 +541,21 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
 
     by_key = {k: (seed, folder, state) for k, seed, folder, state in todo}
     left = dict(book.plan)
-    jobs = [PoolJob(k, [sys.executable, "-m", "moco_transfer.eval.voc_train", str(folder / "config.yaml"),
-                        str(options.voc_root), str(seed), "--gpus", str(options.gpus_per_trial), "--dist-url", "auto"],
-                    folder / "console.log") for k, seed, folder, _ in todo]
+    jobs = [PoolJob(k, trial_argv(folder, options.voc_root, seed, options.gpus_per_trial), folder / "console.log")
+            for k, seed, folder, _ in todo]
+    ports = PortBook()
     failures: list[tuple[int, int]] = []
     bar = progress(total=sum(left.values()), unit="it", desc=f"{len(todo)} VOC trials, {len(prep.groups)} at a time")
 
-    def on_start(job: PoolJob, group: Sequence[str]) -> None:
+    def on_start(job: PoolJob, group: Sequence[str]) -> dict[str, str]:
         seed, folder, state = by_key[job.key]
         where = f"GPU {','.join(group)}" if group else "CPU"
         echo(f"{_action(job.key, seed, state, folder, options.trials)} on {where} (log: {job.log})")
         book.started(job.key)
+        return {DIST_URL_ENV: ports.take(job.key)}
 
     def on_exit(job: PoolJob, code: int) -> bool:
+        ports.release(job.key)
         m = book.finished(job.key)
         if code == 0 and m is not None:
             return True

@@ -1,22 +1,39 @@
-"""Does a VOC trial fit in GPU memory, and if not, what does? The decision and its message. No detectron2, no CUDA.
+"""Does a VOC trial fit in GPU memory, and if not, what does? The decision and its message. No detectron2, no GPU.
 
 The numbers come from probe iterations (`voc_probe`): one real forward, backward and optimizer step of the
 trial's model at the largest input the training resize can produce, in a chosen precision and number of images
 per GPU, with the peak memory the caching allocator reserved. Memory grows with the images per GPU and halves
 roughly with fp16 activations, but the constant part (weights, gradients, momentum, cuDNN workspaces) and
 allocator fragmentation make any extrapolation a guess, so every option that is offered is measured, not scaled.
-`measure` is any callable returning the peak bytes of a setting, or None when the probe itself ran out of memory.
+`measure` is any callable returning the bytes a setting needs, or None when the probe itself ran out of memory.
+The free memory is that of the tightest GPU the run uses (`GpuMemory`): every GPU of every trial group is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
 
 from .gpu_scaling import PROTOCOL_GPUS, scale_to_gpus
 
 GIB = 1024**3
+# Caps a process's caching allocator to this fraction of each GPU (torch.cuda.set_per_process_memory_fraction);
+# the probe and every trial process honour it, so a run can be held to part of a GPU that others share.
+MEMORY_FRACTION_ENV = "MOCO_GPU_MEMORY_FRACTION"
+# A GPU whose used memory (read by a process that holds only its fresh CUDA context there, a few hundred MB) is
+# above this is named in the messages as busy with other processes.
+BUSY_BYTES = 2 * GIB
+# Error texts of allocation failures that do not arrive as torch.OutOfMemoryError. cuDNN and cuBLAS report a
+# failed workspace or handle allocation through their status codes (e.g. "CUDA error: CUBLAS_STATUS_ALLOC_FAILED
+# when calling `cublasCreate(handle)`"), a CUDA runtime call outside the caching allocator as torch.AcceleratorError
+# "CUDA error: out of memory", and NCCL as "... unhandled cuda error ... Last error: Cuda failure 'out of memory'"
+# (a DistBackendError; its "Cuda failure 1 'invalid argument'" variant is not about memory).
+ALLOCATION_MARKERS = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
+                      "Cuda failure 'out of memory'", "Cuda failure 2 'out of memory'")
 # Kept free beyond the probe's peak: images smaller than the largest size can still need more memory through
 # padding of a batch, more ground-truth boxes or proposals, and fragmentation grows over thousands of iterations.
 HEADROOM_FRACTION = 0.06
@@ -26,6 +43,82 @@ REFERENCE_DEVICE = "one H100 80 GB"
 REFERENCE_S_PER_ITER: dict[tuple[int, bool], float] = {(16, False): 1.09, (16, True): 0.77, (8, False): 0.50}
 
 Measure = Callable[["Setting"], "int | None"]
+
+
+def memory_fraction(env: Mapping[str, str] | None = None) -> float | None:
+    """The cap of MOCO_GPU_MEMORY_FRACTION (0 < f <= 1), or None when unset."""
+    raw = (os.environ if env is None else env).get(MEMORY_FRACTION_ENV)
+    if not raw:
+        return None
+    f = float(raw)
+    if not 0 < f <= 1:
+        raise ValueError(f"{MEMORY_FRACTION_ENV}={raw}: must be in (0, 1]")
+    return f
+
+
+def apply_memory_fraction(devices: Sequence[int] | None = None) -> float | None:
+    """Cap the allocator on `devices` (default: every visible GPU) to MOCO_GPU_MEMORY_FRACTION, if set.
+
+    A trial rank caps only its own device: setting the fraction on a device creates a CUDA context there.
+    """
+    f = memory_fraction()
+    if f is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()) if devices is None else devices:
+            torch.cuda.set_per_process_memory_fraction(f, i)
+    return f
+
+
+def allocation_failure(exc: BaseException) -> str | None:
+    """Why `exc` means "does not fit" (a GPU allocation failed), or None for any other error.
+
+    torch.OutOfMemoryError is the caching allocator's; the others are RuntimeErrors (AcceleratorError and
+    DistBackendError are subclasses) whose text carries a library's allocation status. Checked along the
+    exception's cause/context chain, since wrappers re-raise with their own text.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return "out of memory (caching allocator)"
+        if isinstance(exc, RuntimeError):
+            text = str(exc)
+            for marker in ALLOCATION_MARKERS:
+                if marker in text:
+                    return f"allocation failed ({marker.removeprefix('CUDA error: ')})"
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when `exc` is a GPU allocation failure of any library (see `allocation_failure`)."""
+    return allocation_failure(exc) is not None
+
+
+@dataclass
+class GpuMemory:
+    """One GPU of the run as the probe process found it: its id as given to the run, free and total bytes."""
+
+    id: str
+    name: str
+    free: int
+    total: int
+    used: int  # total - free when read, this process's fresh context included
+
+    @property
+    def busy(self) -> bool:
+        return self.used > BUSY_BYTES
+
+    def usable(self) -> int:
+        return max(0, self.free - int(HEADROOM_FRACTION * self.total))
+
+    def busy_line(self) -> str:
+        return (f"GPU {self.id} ({self.name}) has {self.used / GIB:.1f} GiB of {self.total / GIB:.1f} GiB in use by "
+                "other processes")
+
+
+def tightest(gpus: Sequence[GpuMemory]) -> GpuMemory:
+    """The GPU with the least usable memory: a trial group fits only where its tightest GPU fits."""
+    return min(gpus, key=lambda g: (g.usable(), g.free))
 
 
 @dataclass(frozen=True)
@@ -108,6 +201,11 @@ class MemoryPlan:
     device: str = ""
     options: list[Option] = field(default_factory=list)
     in_training: bool = False  # the setting failed during training rather than in the pre-flight probe
+    gpus: list[GpuMemory] = field(default_factory=list)  # every GPU the run uses; free/total are the tightest's
+    details: list[dict[str, Any]] = field(default_factory=list)  # the probe's readings per measured setting
+
+    def busy_lines(self) -> list[str]:
+        return [g.busy_line() for g in self.gpus if g.busy]
 
     @property
     def usable(self) -> int:
@@ -115,11 +213,19 @@ class MemoryPlan:
             return 0
         return max(0, self.free - int(HEADROOM_FRACTION * self.total))
 
+    def _where(self) -> str:
+        where = self.device or "the GPU"
+        if len(self.gpus) > 1:
+            low = tightest(self.gpus)
+            where = f"GPU {low.id} ({low.name}), the tightest of {len(self.gpus)}"
+        return where
+
     def summary_line(self) -> str:
         """One line for the log when the trial fits."""
+        busy = "".join(f"; {line}" for line in self.busy_lines())
         return (f"memory pre-flight: {self.setting.describe()} needs {_gib(self.peak)} GiB at "
                 f"{_size(self.image_size)}; {_gib(self.free)} GiB free of {_gib(self.total)} GiB on "
-                f"{self.device or 'the GPU'} ({HEADROOM_FRACTION:.0%} kept free): fits")
+                f"{self._where()} ({HEADROOM_FRACTION:.0%} kept free): fits{busy}")
 
     def message(self) -> str:
         """The error text: what was tried, what is available, and every option with its cost."""
@@ -130,9 +236,12 @@ class MemoryPlan:
         else:
             need = f"needs {self.peak / GIB:.1f} GiB" + (f" at {_size(self.image_size)}" if self.image_size else "")
         have = ("" if self.total is None else
-                f"; {_gib(self.free)} GiB free of {_gib(self.total)} GiB on {self.device or 'the GPU'}, "
+                f"; {_gib(self.free)} GiB free of {_gib(self.total)} GiB on {self._where()}, "
                 f"{HEADROOM_FRACTION:.0%} of it kept free, so {self.usable / GIB:.1f} GiB usable")
         lines = [f"{self.where}: the trial does not fit in GPU memory: {self.setting.describe()} {need}{have}."]
+        busy = self.busy_lines()
+        if busy:
+            lines.append("Busy: " + "; ".join(busy) + " (free it, or leave that GPU out with CUDA_VISIBLE_DEVICES).")
         fitting = [o for o in self.options if o.fits]
         unknown = [o for o in self.options if o.fits is None]
         if fitting:
@@ -163,6 +272,7 @@ class MemoryPlan:
         d["setting"] = Setting(**d["setting"])
         d["image_size"] = tuple(d["image_size"]) if d.get("image_size") else None
         d["options"] = [Option(**{**o, "setting": Setting(**o["setting"])}) for o in d.get("options", [])]
+        d["gpus"] = [GpuMemory(**g) for g in d.get("gpus", [])]
         return cls(**d)
 
 
@@ -183,6 +293,17 @@ def probe_image_size(min_size_train: Sequence[int], max_size_train: int, aspect_
     """
     short = min(max(min_size_train), max_size_train)
     return (short, max_size_train) if aspect_grouping else (max_size_train, max_size_train)
+
+
+def probe_sizes(min_size_train: Sequence[int], max_size_train: int, aspect_grouping: bool) -> list[tuple[int, int]]:
+    """The probe's input sizes: the largest padded input, then the one of the smallest short side (if another).
+
+    Multi-scale training alternates between them; the caching allocator's blocks cut for one size do not all
+    fit the other, so running both shows the fragmentation a single size hides.
+    """
+    large = probe_image_size(min_size_train, max_size_train, aspect_grouping)
+    small = probe_image_size((min(min_size_train),), max_size_train, aspect_grouping)
+    return [large] if small == large else [large, small]
 
 
 def candidate_options(shape: TrialShape) -> list[Option]:
@@ -218,14 +339,18 @@ def candidate_options(shape: TrialShape) -> list[Option]:
 
 def plan_memory(shape: TrialShape, free: int | None, total: int | None, measure: Measure | None, *,
                 failed_peak: int | None = None, failed_at: str | None = None, image_size: tuple[int, int] | None = None,
-                device: str = "") -> MemoryPlan:
+                device: str = "", gpus: Sequence[GpuMemory] = ()) -> MemoryPlan:
     """Decide whether the trial fits; if not, measure the options until the cheapest ones that fit are known.
 
     Without `failed_at` the configured setting is measured first. With it (an out-of-memory error during
     training) the setting is known not to fit and `failed_peak` is what was in use then. `measure` None (no GPU
     to probe on) lists the options unmeasured. Of the more-GPU options only the smallest count that fits is
-    kept; --scale-to-gpus --amp only when --scale-to-gpus alone does not fit.
+    kept; --scale-to-gpus --amp only when --scale-to-gpus alone does not fit. With `gpus` (every GPU of the run)
+    `free` and `total` are those of the tightest one.
     """
+    if gpus:
+        low = tightest(gpus)
+        free, total, device = low.free, low.total, device or low.name
     usable = max(0, (free or 0) - int(HEADROOM_FRACTION * (total or 0)))
     results: dict[Setting, int | None] = {}
 
@@ -238,7 +363,7 @@ def plan_memory(shape: TrialShape, free: int | None, total: int | None, measure:
         return peak, peak is not None and peak <= usable
 
     plan = MemoryPlan(shape.setting, failed_peak, free, total, False, failed_at or "memory pre-flight", image_size,
-                      device, in_training=failed_at is not None)
+                      device, in_training=failed_at is not None, gpus=list(gpus))
     if failed_at is None:
         plan.peak, fits = check(shape.setting)
         plan.fits = bool(fits)

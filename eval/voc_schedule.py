@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pth")
+# How a trial process (`voc_train`) gets its rendezvous address from the parent that chose it.
+DIST_URL_ENV = "MOCO_VOC_DIST_URL"
 
 
 def visible_devices(env: Mapping[str, str], device_count: int) -> list[str]:
@@ -136,6 +139,38 @@ class Projection:
         return asdict(self) | {"seconds": self.seconds, "hours": self.seconds / 3600, "line": self.line()}
 
 
+class PortBook:
+    """Rendezvous ports for trials that run at the same time: each one distinct from those still held.
+
+    detectron2's `launch(dist_url="auto")` asks the OS for a free port, closes it and binds it again seconds
+    later in the spawned rank 0; two trials started together can be handed the same port in between
+    ("Address already in use", detectron2 issue 91). Here the parent picks every running trial's port itself and
+    never hands out one that a running trial holds. One GPU per trial needs no port (launch then calls the trial
+    function directly), but gets one all the same, so every trial is started the same way.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.held: dict[int, int] = {}  # job key -> port
+
+    def _free_port(self) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((self.host, 0))
+            return int(s.getsockname()[1])
+
+    def take(self, key: int) -> str:
+        """A tcp:// URL on a port that is free now and held by no other running job; held until `release(key)`."""
+        for _ in range(100):
+            port = self._free_port()
+            if port not in self.held.values():
+                self.held[key] = port
+                return f"tcp://{self.host}:{port}"
+        raise RuntimeError("no free rendezvous port found in 100 tries")
+
+    def release(self, key: int) -> None:
+        self.held.pop(key, None)
+
+
 @dataclass
 class PoolJob:
     key: int  # trial index
@@ -144,10 +179,12 @@ class PoolJob:
 
 
 def run_pool(jobs: Sequence[PoolJob], groups: Sequence[Sequence[str]], env_for: Callable[[Sequence[str]], dict],
-             on_start: Callable[[PoolJob, Sequence[str]], None], on_exit: Callable[[PoolJob, int], bool],
-             on_tick: Callable[[], None] = lambda: None, tick_s: float = 2.0) -> dict[int, int]:
+             on_start: Callable[[PoolJob, Sequence[str]], dict[str, str] | None],
+             on_exit: Callable[[PoolJob, int], bool], on_tick: Callable[[], None] = lambda: None,
+             tick_s: float = 2.0) -> dict[int, int]:
     """Run `jobs` in order, each as a subprocess on the first free group, at most one job per group at a time.
 
+    `on_start(job, group)` may return environment variables for that job's process (its rendezvous address).
     `on_exit(job, returncode)` returns False to stop starting new jobs (those running still finish); `on_tick`
     runs every `tick_s` seconds while jobs run. On any exception (Ctrl-C included) the running subprocesses are
     terminated, then killed if they do not stop within 30 s. Returns the return code of every job that ran.
@@ -163,8 +200,9 @@ def run_pool(jobs: Sequence[PoolJob], groups: Sequence[Sequence[str]], env_for: 
                 job, slot = queue.pop(0), free.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 log = open(job.log, "a")  # closed when the job ends
-                on_start(job, groups[slot])
-                proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(groups[slot]))
+                extra = on_start(job, groups[slot]) or {}
+                proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**env_for(groups[slot]), **extra})
                 running[slot] = (job, proc, log)
             deadline = time.monotonic() + tick_s
             while running and time.monotonic() < deadline and all(p.poll() is None for _, p, _ in running.values()):

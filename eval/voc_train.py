@@ -26,6 +26,8 @@ from moco_transfer.detectron2_ext import register
 from moco_transfer.fileio import write_json_atomic
 
 from .voc_layout import VOC_SPLITS, our_name, voc_names
+from .voc_memory import allocation_failure, apply_memory_fraction, is_out_of_memory
+from .voc_schedule import DIST_URL_ENV
 from .voc_trials import OOM_GLOB, PROGRESS_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
@@ -75,6 +77,18 @@ def ims_per_gpu(cfg: Any, world_size: int) -> int:
 
 def _peak_reserved() -> int | None:
     return int(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def start_memory_stats() -> None:
+    """At a trial's start: its own peak, not an earlier in-process trial's; the memory cap, if one is set.
+
+    max_memory_reserved is a high-water mark for the life of the process unless reset, and a trial on the CPU or
+    through `launch` with one device runs in the calling process, possibly after another trial.
+    """
+    if torch.cuda.is_available():
+        apply_memory_fraction([torch.cuda.current_device()])
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
 
 
 def trainer_class() -> type:
@@ -156,7 +170,7 @@ class _HideOomTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, torch.OutOfMemoryError)
+        return exc is None or not is_out_of_memory(exc)
 
 
 def _update_segments(folder: Path, start_iter: int, cfg: Any, world: int) -> list[dict[str, Any]]:
@@ -183,7 +197,7 @@ def _oom_record(cfg: Any, rank: int, world: int, iteration: int | None, exc: Bas
         "phase": "training" if iteration is None or iteration < max_iter else "evaluation",
         "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": world, "ims_per_gpu": ims_per_gpu(cfg, world),
         "reserved_bytes": _peak_reserved(), "free_bytes": None, "total_bytes": None, "device": "",
-        "error": text.splitlines()[0][:300] if text else type(exc).__name__,
+        "error": text.splitlines()[0][:300] if text else type(exc).__name__, "kind": allocation_failure(exc),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         dev = torch.cuda.current_device()
@@ -224,6 +238,7 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
     trainer = None
     try:
         seed_all_rng(seed + rank)
+        start_memory_stats()
         try:
             trainer = trainer_class()(cfg)
             trainer.resume_or_load(resume=True)
@@ -234,7 +249,9 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
                 results = trainer._last_eval_results
             else:
                 results = trainer.test(cfg, trainer.model)
-        except torch.OutOfMemoryError as exc:
+        except Exception as exc:  # cuDNN/cuBLAS/NCCL allocation failures too (voc_memory.allocation_failure)
+            if not is_out_of_memory(exc):
+                raise
             oom = _oom_record(cfg, rank, world, getattr(trainer, "iter", None), exc)
             logger.error(f"out of GPU memory in {oom['phase']} (rank {rank}): {oom['error']}", exc_info=exc)
         if oom is None:
@@ -266,9 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("voc_root")
     ap.add_argument("seed", type=int)
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of this trial (0 = CPU)")
-    ap.add_argument("--dist-url", default="auto")
+    ap.add_argument("--dist-url", default=os.environ.get(DIST_URL_ENV) or "auto",
+                    help=f"rendezvous of the trial's ranks (default: ${DIST_URL_ENV}, set by the parent, else auto)")
     args = ap.parse_args(argv)
     folder = Path(trial_output_dir(args.config))
+    print(f"voc_train: {folder} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}, "
+          f"{args.gpus} GPU(s), rendezvous {args.dist_url}, pid {os.getpid()}", flush=True)
     try:
         launch(run_trial, max(1, args.gpus), dist_url=args.dist_url, args=(args.config, args.voc_root, args.seed))
     except TrialOutOfMemory as exc:
