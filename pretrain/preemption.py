@@ -12,11 +12,8 @@ have had.
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -24,54 +21,9 @@ import torch.distributed as dist
 
 from moco_transfer import distributed as du
 from moco_transfer.checkpoint import CheckpointError, find_latest, load_checkpoint
+from moco_transfer.signals import EXIT_STOPPED, STOP_SIGNALS, StoppedBySignal, StopRequest  # noqa: F401 - re-exported
 
 MID_EPOCH_NAME = "checkpoint_mid_epoch.pth.tar"
-# sysexits' EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Slurm scripts requeue on it.
-EXIT_STOPPED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class StoppedBySignal(Exception):
-    """The run stopped on a signal after writing its mid-epoch checkpoint; resume with `--resume auto`."""
-
-    exit_code = EXIT_STOPPED
-
-
-class StopRequest:
-    """SIGTERM and SIGUSR1 set `signal_name`; the loop reads it between steps. Handlers are restored on close.
-
-    The handler only records the signal, so a second signal while the checkpoint is written changes nothing:
-    the save finishes and the run exits once. Installed only from the main thread (Python's rule for signals).
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> StopRequest:
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
