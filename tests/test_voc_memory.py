@@ -1,21 +1,39 @@
-"""The VOC memory pre-flight's decision and messages, without a GPU: measurements come from a memory model."""
+"""The VOC memory pre-flight without a GPU: the decision and messages (measurements from a memory model), the
+probe's scaler warm-up, the allocation-failure classification with the real exception types, the pre-flight's
+paths with a stubbed plan, and the re-probe after a training OOM in a fresh process (real subprocesses)."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
+import types
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from moco_transfer.eval import voc
 from moco_transfer.eval.voc_memory import (
+    BUSY_BYTES,
     GIB,
     HEADROOM_FRACTION,
+    GpuMemory,
     MemoryPlan,
     Setting,
     TrialShape,
+    allocation_failure,
     candidate_options,
+    is_out_of_memory,
+    memory_fraction,
     plan_memory,
     probe_image_size,
+    probe_sizes,
 )
+from moco_transfer.eval.voc_probe import RESULT_MARK, ProbeError, warm_up
+from moco_transfer.eval.voc_schedule import DIST_URL_ENV
+from moco_transfer.eval.voc_trials import RunBook, TrialState, trial_dir, write_metrics
 
 VOC = dict(ims_per_batch=16, base_lr=0.02, steps=(18000, 22000), max_iter=24000)
 
@@ -106,6 +124,22 @@ def test_more_gpu_option_is_the_smallest_count_that_fits():
     assert Setting(4, True) not in dev.calls
 
 
+def test_more_gpu_search_goes_on_past_counts_that_do_not_fit():
+    dev = Device(12, fixed=1.0, per_image=4.6)  # AMP: 8 images 19.8 GiB do not fit, 4 images 10.4 GiB do
+    shape = TrialShape(**VOC, gpus=1, amp=True)
+    plan = plan_memory(shape, 12 * GIB, 12 * GIB, dev.measure)
+    usable = 12 * GIB - int(HEADROOM_FRACTION * 12 * GIB)
+    counts = [c for c in range(2, 17) if 16 % c == 0]  # GPUs per trial that split 16 images evenly
+    first_fit = next(c for c in counts if dev.need(Setting(16 // c, True)) <= usable)
+    assert first_fit == 4  # the case this test is for: --gpus 2 is measured and fails first
+    gpus = [o for o in plan.options if o.kind == "gpus"]
+    assert [(o.flags, o.fits) for o in gpus] == [(f"--gpus {first_fit}", True)]  # the failed count is dropped
+    tried = [s for s in dev.calls if s.ims_per_gpu < 16]
+    assert tried[:2] == [Setting(8, True), Setting(4, True)]  # 8 images (2 GPUs) failed, so 4 (4 GPUs) were tried
+    assert Setting(2, True) not in dev.calls  # nothing after the smallest count that fits
+    assert "--gpus 4: 4 images per GPU in fp16 (--amp), needs 10.4 GiB" in plan.message()
+
+
 def test_nothing_fits_says_so():
     dev = Device(4)
     plan = plan_memory(TrialShape(**VOC, gpus=1), 4 * GIB, 4 * GIB, dev.measure)
@@ -135,19 +169,278 @@ def test_training_oom_with_a_probe_names_what_was_in_use():
     assert {o.kind for o in plan.options if o.fits} == {"gpus", "scale"}
 
 
+def _literal(options):
+    return [(o.kind, o.flags, o.setting, o.resumes, o.max_iter) for o in options]
+
+
 def test_candidates_follow_the_scaling_rule_and_parallel_trials():
-    assert candidate_options(TrialShape(**VOC, gpus=8)) == [o for o in candidate_options(TrialShape(**VOC, gpus=8))
-                                                            if o.kind in ("amp", "gpus")]  # no rule at 8 GPUs
+    # 8 GPUs: the protocol's count, so no --scale-to-gpus; 16 images split over 16 GPUs is the only larger count
+    assert _literal(candidate_options(TrialShape(**VOC, gpus=8))) == [
+        ("amp", "--amp", Setting(2, True), True, 24000), ("gpus", "--gpus 16", Setting(1, False), True, 24000)]
+    assert _literal(candidate_options(TrialShape(**VOC, gpus=1))) == [
+        ("amp", "--amp", Setting(16, True), True, 24000),
+        ("gpus", "--gpus 2", Setting(8, False), True, 24000), ("gpus", "--gpus 4", Setting(4, False), True, 24000),
+        ("gpus", "--gpus 8", Setting(2, False), True, 24000), ("gpus", "--gpus 16", Setting(1, False), True, 24000),
+        ("scale", "--scale-to-gpus", Setting(8, False), False, 48000),
+        ("scale+amp", "--scale-to-gpus --amp", Setting(8, True), False, 48000)]
+    assert _literal(candidate_options(TrialShape(**VOC, gpus=4, amp=True))) == [  # 4 per GPU: the rule needs cap 2
+        ("gpus", "--gpus 8", Setting(2, True), True, 24000), ("gpus", "--gpus 16", Setting(1, True), True, 24000),
+        ("scale", "--scale-to-gpus --max-ims-per-gpu 2", Setting(2, True), False, 48000)]
     par = candidate_options(TrialShape(**VOC, gpus=1, parallel_trials=4, visible_gpus=4))
     gpus = next(o for o in par if o.kind == "gpus")
     assert gpus.flags == "--gpus 8 --parallel-trials 4 (or --parallel-trials 2 on the 4 visible)"
 
 
-def test_plan_round_trips_through_json():
-    dev = Device(80)
-    plan = plan_memory(TrialShape(**VOC, gpus=1), int(79 * GIB), int(80 * GIB), dev.measure, image_size=(800, 1333))
+def test_probe_fits_but_headroom_rejects_and_the_plan_round_trips():
+    dev = Device(80, fixed=30.0, per_image=2.9, amp_ratio=0.98)  # 16 fp32: 76.4 GiB, fp16 barely smaller
+    free, total = int(79 * GIB), int(80 * GIB)
+    plan = plan_memory(TrialShape(**VOC, gpus=1), free, total, dev.measure, image_size=(800, 1333))
+    need, usable = dev.need(Setting(16, False)), free - int(HEADROOM_FRACTION * total)
+    assert usable < need <= total  # the probe iteration ran; only the headroom says no
+    assert not plan.fits and plan.peak == need and plan.usable == usable
+    fits = {o.flags: o.fits for o in plan.options}
+    assert fits == {"--amp": dev.need(Setting(16, True)) <= usable, "--gpus 2": True, "--scale-to-gpus": True}
+    assert fits["--amp"] is False
+    msg = plan.message()
+    assert msg.startswith(f"memory pre-flight: the trial does not fit in GPU memory: 16 images per GPU in fp32 needs "
+                          f"{need / GIB:.1f} GiB at 800x1333 px; 79.0 GiB free of 80.0 GiB on the GPU, 6% of it kept "
+                          f"free, so {usable / GIB:.1f} GiB usable.")
+    assert "Measured and too big: --amp (16 images per GPU in fp16 (--amp))" in msg.splitlines()
     again = MemoryPlan.from_json(json.loads(json.dumps(plan.to_json())))
-    assert again == plan and again.message() == plan.message()
+    assert again == plan and again.message() == msg
+
+
+def test_every_gpu_of_the_run_is_checked_and_a_busy_one_is_named():
+    total = int(79.6 * GIB)
+    idle = GpuMemory("0", "NVIDIA H100 80GB HBM3", total - int(0.5 * GIB), total, int(0.5 * GIB))
+    busy = GpuMemory("3", "NVIDIA H100 80GB HBM3", total - 40 * GIB, total, 40 * GIB)
+    assert not idle.busy and busy.busy and busy.used > BUSY_BYTES
+    dev = Device(79.6)
+    shape = TrialShape(**VOC, gpus=2, visible_gpus=2)  # 8 images per GPU: 37.8 GiB, more than GPU 3 has
+    plan = plan_memory(shape, None, None, dev.measure, gpus=[idle, busy], image_size=(800, 1333))
+    assert (plan.free, plan.total) == (busy.free, busy.total)  # the tightest GPU decides
+    assert not plan.fits and plan.usable == busy.free - int(HEADROOM_FRACTION * total)
+    msg = plan.message()
+    assert "on GPU 3 (NVIDIA H100 80GB HBM3), the tightest of 2" in msg.splitlines()[0]
+    assert msg.splitlines()[1] == ("Busy: GPU 3 (NVIDIA H100 80GB HBM3) has 40.0 GiB of 79.6 GiB in use by other "
+                                   "processes (free it, or leave that GPU out with CUDA_VISIBLE_DEVICES).")
+    fitting = plan_memory(TrialShape(**VOC, gpus=4), None, None, dev.measure, gpus=[idle, busy])
+    assert fitting.fits and fitting.summary_line().endswith("fits; " + busy.busy_line())
+    assert MemoryPlan.from_json(json.loads(json.dumps(plan.to_json()))).gpus == [idle, busy]
+
+
+def test_probe_sizes_are_the_largest_and_the_smallest_short_side():
+    assert probe_sizes(range(480, 801, 32), 1333, True) == [(800, 1333), (480, 1333)]
+    assert probe_sizes((64,), 96, True) == [(64, 96)]  # one training size: one probe size
+    assert probe_sizes((480, 800), 1333, False) == [(1333, 1333)]  # without grouping both pad to the long side
+
+
+def test_memory_fraction_from_the_environment():
+    assert memory_fraction({}) is None and memory_fraction({"MOCO_GPU_MEMORY_FRACTION": "0.25"}) == 0.25
+    with pytest.raises(ValueError, match="must be in"):
+        memory_fraction({"MOCO_GPU_MEMORY_FRACTION": "1.5"})
+
+
+# --- the probe's warm-up: a real GradScaler and SGD with momentum on the CPU ---------------------------------
+
+
+def _scaled_step(model, optimizer, scaler, loss_scale):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(torch.ones(1, 1)).sum() * loss_scale
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def _linear():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    return model
+
+
+def test_warm_up_runs_until_the_scaler_lets_a_real_step_through():
+    """A fresh scaler (65536) skips steps whose scaled gradients overflow; the warm-up goes on until one is real."""
+    loss_scale = 1e36  # gradient 1e36: finite, but x 65536 it overflows fp32 until the scale is small enough
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-37, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    skipped = math.ceil(math.log2(65536.0 * loss_scale / torch.finfo(torch.float32).max))  # halvings needed
+    steps = warm_up(_scaled_step(model, optimizer, scaler, loss_scale), optimizer, scaler)
+    assert skipped >= 1 and steps == skipped + 1
+    assert scaler.get_scale() == 65536.0 / 2**skipped
+    state = optimizer.state[model.weight]
+    assert state["momentum_buffer"].item() == pytest.approx(loss_scale)  # one real step: buffer = the gradient
+    assert model.weight.item() == pytest.approx(1.0 - 1e-37 * loss_scale)  # and the weight moved once
+
+
+def test_warm_up_stops_when_no_step_goes_through_or_the_optimizer_holds_nothing():
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ProbeError, match="skipped all 5 warm-up steps"):
+        warm_up(_scaled_step(model, optimizer, scaler, float("inf")), optimizer, scaler, limit=5)
+    assert not optimizer.state
+    fp32 = torch.amp.GradScaler("cpu", enabled=False)  # fp32: every step is real, but this one never steps
+    with pytest.raises(ProbeError, match="no momentum state"):
+        warm_up(lambda: None, optimizer, fp32)
+    no_momentum = torch.optim.SGD(model.parameters(), lr=0.1)  # plain SGD holds no state by design
+    assert warm_up(lambda: None, no_momentum, fp32) == 1
+
+
+# --- which failures mean "does not fit" ---------------------------------------------------------------------
+
+
+NCCL_OOM = ("NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, unhandled cuda error (run with "
+            "NCCL_DEBUG=INFO for details), NCCL version 2.20.5\nncclUnhandledCudaError: Call to CUDA function failed."
+            "\nLast error:\nCuda failure 'out of memory'")
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"),
+    torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some "
+                           "other API call, so the stacktrace below might be incorrect."),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    dist.DistBackendError(NCCL_OOM),
+], ids=["allocator", "accelerator", "cudnn", "cublas", "nccl"])
+def test_allocation_failures_of_every_library_count_as_out_of_memory(exc):
+    assert is_out_of_memory(exc)
+    with pytest.raises(RuntimeError) as info:  # also when a wrapper re-raises it with its own text
+        try:
+            raise exc
+        except RuntimeError as inner:
+            raise RuntimeError("trial step failed") from inner
+    assert is_out_of_memory(info.value)
+
+
+@pytest.mark.parametrize("exc", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`"),
+    dist.DistBackendError(NCCL_OOM.replace("Cuda failure 'out of memory'", "Cuda failure 1 'invalid argument'")),
+    ValueError("Cuda failure 'out of memory'"),  # not an error a GPU library raises
+], ids=["illegal-access", "cudnn-internal", "cublas-execution", "nccl-invalid", "not-runtime"])
+def test_other_failures_are_not_out_of_memory(exc):
+    assert allocation_failure(exc) is None
+
+
+# --- the pre-flight's paths, with a stubbed probe -----------------------------------------------------------
+
+
+def _prep(tmp_path, gpus=1, groups=(("0",),)):
+    cfg = types.SimpleNamespace(SOLVER=types.SimpleNamespace(MAX_ITER=24000, CHECKPOINT_PERIOD=5000),
+                                dump=lambda: "SOLVER: {}\n")
+    shape = TrialShape(**VOC, gpus=gpus, visible_gpus=gpus)
+    prep = voc.Prepared(cfg, tmp_path / "w.pkl", {}, [list(g) for g in groups], shape)
+    options = voc.VocOptions(checkpoint=tmp_path / "c.pth", voc_root=tmp_path / "VOC", output=tmp_path / "out",
+                             trials=2, gpus=gpus)
+    options.output.mkdir()
+    return prep, options
+
+
+def _not_fitting():
+    return plan_memory(TrialShape(**VOC, gpus=1), int(79 * GIB), int(80 * GIB), Device(80, per_image=5.0).measure)
+
+
+def test_memory_preflight_paths(tmp_path, monkeypatch):
+    prep, options = _prep(tmp_path)
+    calls, lines = [], []
+    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: calls.append(1) or _not_fitting())
+    with pytest.raises(voc.VocOutOfMemory) as info:
+        voc.memory_preflight(prep, options, lines.append)
+    assert str(info.value) == _not_fitting().message()
+    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: calls.append(1) or None)  # the probe could not run
+    assert voc.memory_preflight(prep, options, lines.append) is None
+    for k in range(options.trials):
+        write_metrics(trial_dir(options.output, k), {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, seed=k)
+    calls.clear()
+    assert voc.memory_preflight(prep, options, lines.append) is None
+    assert calls == [] and lines[-1] == "memory pre-flight: skipped, every trial is finished"
+    options.gpus = 0
+    assert voc.memory_preflight(prep, options, lines.append) is None and calls == []
+
+
+def _script(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_text(body)
+    return [sys.executable, str(path)]
+
+
+def test_probe_results_error_skip_and_crash(tmp_path, monkeypatch):
+    """The probe process's last line decides: an error stops the pre-flight with its message; a crash continues."""
+    prep, options = _prep(tmp_path, gpus=2, groups=(("3",), ("5",)))
+    seen = tmp_path / "seen.json"
+    error = ("import json, os, sys; open(sys.argv[1], 'w').write(json.dumps([sys.argv[2:], "
+             "os.environ['CUDA_VISIBLE_DEVICES']])); print('MOCO_PROBE_RESULT ' + json.dumps({'error': "
+             "'probe iteration of 8 images per GPU in fp32 failed: AcceleratorError: CUDA error: an illegal memory "
+             "access was encountered'})); sys.exit(1)\n")
+    monkeypatch.setattr(voc, "probe_argv", lambda cfg, root, shape, ids, *a: [
+        *_script(tmp_path, "error", error), str(seen), *ids])
+    with pytest.raises(voc.VocSetupError) as info:
+        voc._probe_plan(prep, options, print)
+    assert str(info.value) == ("memory pre-flight: the probe failed on GPU 3, 5: probe iteration of 8 images per GPU "
+                               "in fp32 failed: AcceleratorError: CUDA error: an illegal memory access was encountered")
+    assert json.loads(seen.read_text()) == [["3", "5"], "3,5"]  # every GPU of the run, each group's
+    assert isinstance(info.value, voc.SETUP_ERRORS)  # reported as a message by the CLI, not a traceback
+    crash = "import sys; print('Traceback (most recent call last):', file=sys.stderr); sys.exit(-11)\n"
+    monkeypatch.setattr(voc, "probe_argv", lambda *a: _script(tmp_path, "crash", crash))
+    lines = []
+    assert voc._probe_plan(prep, options, lines.append) is None
+    assert lines[-1].startswith("warning: memory probe could not run (Traceback") and "continuing" in lines[-1]
+    plan = _not_fitting()
+    ok = f"import sys; print('probe: ...', file=sys.stderr); print({RESULT_MARK + json.dumps(plan.to_json())!r})\n"
+    monkeypatch.setattr(voc, "probe_argv", lambda *a: _script(tmp_path, "ok", ok))
+    assert voc._probe_plan(prep, options, lines.append) == plan
+
+
+TRIAL = """import json, os, sys, time
+folder = sys.argv[1]
+open(os.path.join(folder, "trial.json"), "w").write(json.dumps({"pid": os.getpid(),
+    "cuda": os.environ["CUDA_VISIBLE_DEVICES"], "url": os.environ.get("DIST_URL_ENV")}))
+json.dump({"rank": 0, "iteration": 14, "max_iter": 24000, "phase": "training", "reserved_bytes": 74 * 2**30,
+           "free_bytes": None, "total_bytes": None, "device": "", "error": "CUDA out of memory"},
+          open(os.path.join(folder, "oom_rank0.json"), "w"))
+sys.exit(3)
+""".replace("DIST_URL_ENV", DIST_URL_ENV)
+
+PROBE = """import json, os, sys
+trial = json.load(open(sys.argv[1]))
+try:
+    os.kill(trial["pid"], 0)
+    alive = True
+except ProcessLookupError:
+    alive = False
+json.dump({"pid": os.getpid(), "trial_alive": alive, "argv": sys.argv[2:]}, open(sys.argv[2], "w"))
+print(sys.argv[3])
+"""
+
+
+def test_reprobe_after_a_training_oom_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    """On GPUs a trial runs in its own process; after its OOM the re-probe is another one, started once it is gone."""
+    prep, options = _prep(tmp_path)
+    folder = trial_dir(options.output, 0)
+    folder.mkdir()
+    reprobe = plan_memory(prep.shape, int(79 * GIB), int(80 * GIB), Device(80, per_image=5.0).measure,
+                          failed_at="trial 1 (seed 0), iteration 15 of 24000", failed_peak=74 * GIB)
+    record = tmp_path / "probe.json"
+    monkeypatch.setattr(voc, "trial_argv", lambda folder, root, seed, gpus: [
+        *_script(tmp_path, "trial", TRIAL), str(folder)])
+    monkeypatch.setattr(voc, "probe_argv", lambda cfg, root, shape, ids, failed_at, failed_peak: [
+        *_script(tmp_path, "probe", PROBE), str(folder / "trial.json"), str(record),
+        RESULT_MARK + json.dumps(reprobe.to_json()), failed_at, str(failed_peak)])
+    book = RunBook(options.output, options.trials, {}, lambda _: None)
+    with pytest.raises(voc.VocOutOfMemory) as info:
+        voc._run_sequential([(0, 0, folder, TrialState.NEW)], prep, options, book, lambda _: None)
+    trial, probe = json.loads((folder / "trial.json").read_text()), json.loads(record.read_text())
+    assert trial["pid"] != os.getpid() and probe["pid"] not in (os.getpid(), trial["pid"])
+    assert probe["trial_alive"] is False  # the trial's process (and its CUDA memory) was gone before the probe
+    assert trial["cuda"] == "0" and trial["url"].startswith("tcp://127.0.0.1:")
+    assert probe["argv"][-2:] == ["trial 1 (seed 0), iteration 15 of 24000", str(74 * GIB)]
+    assert str(info.value).startswith(reprobe.message())
+    assert not torch.cuda.is_initialized()  # this process never touched CUDA
 
 
 @pytest.mark.parametrize("ims,amp,text", [(1, False, "1 image per GPU in fp32"), (8, True, "8 images per GPU in fp16")])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from moco_transfer.eval.voc_schedule import (
+    DIST_URL_ENV,
     PoolJob,
+    PortBook,
     Projection,
     child_env,
     format_duration,
@@ -117,13 +122,76 @@ def test_pool_stops_starting_jobs_after_a_failure_and_lets_running_ones_finish(t
     assert not (tmp_path / "job2.json").exists()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_pool_terminates_its_children_when_interrupted(tmp_path):
-    jobs = [_job(tmp_path, 0, 60)]
+    pid_file = tmp_path / "job0.pid"
+    script = f"import os, time; open(r'{pid_file}', 'w').write(str(os.getpid())); time.sleep(60)"
+    jobs = [PoolJob(0, [sys.executable, "-c", script], tmp_path / "job0.log")]
 
     def stop():
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() and time.monotonic() < deadline:  # the child is running, not just spawned
+            time.sleep(0.05)
         raise KeyboardInterrupt
 
     t0 = time.time()
     with pytest.raises(KeyboardInterrupt):
         run_pool(jobs, [[]], lambda g: child_env({}, g, 1), lambda j, g: None, lambda j, c: True, stop, tick_s=0.2)
-    assert time.time() - t0 < 30 and not (tmp_path / "job0.json").exists()
+    pid = int(pid_file.read_text())
+    try:
+        assert not _alive(pid), "the pool left its child running"  # terminated and reaped by the pool
+        assert time.time() - t0 < 30
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_port_book_never_hands_out_a_held_port(monkeypatch):
+    book = PortBook()
+    offered = iter([41000, 41000, 41000, 41001, 41000])  # what the OS says is free, one bind after another
+    monkeypatch.setattr(book, "_free_port", lambda: next(offered))
+    assert book.take(0) == "tcp://127.0.0.1:41000"
+    assert book.take(1) == "tcp://127.0.0.1:41001"  # 41000 is free to the OS but held by trial 0: skipped
+    book.release(0)
+    assert book.take(2) == "tcp://127.0.0.1:41000"  # released when trial 0 ended
+    real = PortBook()
+    urls = {real.take(k) for k in range(4)}
+    assert len(urls) == 4
+
+
+def test_two_trials_started_at_once_rendezvous_on_their_own_ports(tmp_path):
+    """Two trial processes of 2 ranks each (gloo on the CPU), started together by the pool with the ports the
+    parent hands out: both groups form, each of its own two ranks."""
+    root = Path(__file__).resolve().parents[1]
+    book = PortBook()
+    jobs = [PoolJob(k, [sys.executable, "-c", f"from tests.voc_synthetic import rendezvous_trial; "
+                                             f"rendezvous_trial(r'{tmp_path / f'trial{k}'}')"],
+                    tmp_path / f"trial{k}.log") for k in range(2)]
+    started: dict[int, float] = {}
+
+    def on_start(job, group):
+        started[job.key] = time.monotonic()
+        return {DIST_URL_ENV: book.take(job.key)}
+
+    def on_exit(job, code):
+        book.release(job.key)
+        return True
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    codes = run_pool(jobs, [[], []], lambda g: {**env, **child_env({}, g, 2)}, on_start, on_exit, tick_s=0.2)
+    logs = {k: (tmp_path / f"trial{k}.log").read_text() for k in range(2)}
+    assert codes == {0: 0, 1: 0}, logs
+    assert abs(started[0] - started[1]) < 1.0  # started together, not one after the other
+    ranks = {k: [json.loads((tmp_path / f"trial{k}" / f"rank{r}.json").read_text()) for r in range(2)]
+             for k in range(2)}
+    urls = {k: {r["url"] for r in ranks[k]} for k in range(2)}
+    assert all(len(u) == 1 for u in urls.values()) and urls[0] != urls[1]
+    assert all(r["sum"] == 3.0 for k in range(2) for r in ranks[k])  # 1 + 2: each group has exactly its two ranks
+    assert book.held == {}

@@ -98,3 +98,43 @@ def write_voc(root: Path, n_trainval07: int = 4, n_test07: int = 4, n_trainval12
             ids.append(image_id)
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return root
+
+
+def _spawned_rank(index: int, url: str, world: int, out: str) -> None:
+    _rendezvous_rank(index + 1, url, world, out)
+
+
+def _rendezvous_rank(rank: int, url: str, world: int, out: str) -> None:
+    """One rank of a stand-in trial: joins the process group at `url` as detectron2's launch does, all-reduces."""
+    import datetime
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    dist.barrier()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "url": url, "sum": t.item()}))
+    dist.destroy_process_group()
+
+
+def rendezvous_trial(out: str, world: int = 2) -> None:
+    """A trial process of `world` ranks that rendezvous at $MOCO_VOC_DIST_URL, as detectron2's launch makes them
+    (spawned processes, init_process_group at the URL); this process is rank 0, to start one interpreter less."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from moco_transfer.eval.voc_schedule import DIST_URL_ENV
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    url = os.environ[DIST_URL_ENV]
+    others = mp.start_processes(_spawned_rank, args=(url, world, out), nprocs=world - 1, join=False,
+                                start_method="spawn")
+    _rendezvous_rank(0, url, world, out)
+    while not others.join():
+        pass
