@@ -343,7 +343,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
         if du.is_main_process():
             extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "loss_sum": at.loss_sum,
                                    "acc_sum": at.acc_sum, "rng": states}}
-            atomic_save(_checkpoint(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
+            atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
         du.barrier()
         return path
 
@@ -465,7 +465,7 @@ def _write_curves(cfg: PretrainConfig, out: Path, history: list[dict[str, Any]],
                          random_init_knn=random_init_knn)
 
 
-def _checkpoint(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def checkpoint_dict(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 completed: int, history: list[dict[str, Any]], random_init_knn: float | None,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The official layout (`epoch` = completed epochs, `arch`, `state_dict`, `optimizer`) plus this project's."""
@@ -489,7 +489,7 @@ def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, sc
     mid-epoch one, which is older now."""
     path = out / checkpoint_name(epoch)
     previous = find_latest(out)
-    atomic_save(_checkpoint(cfg, model, optimizer, scaler, epoch + 1, history, random_init_knn), path)
+    atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, epoch + 1, history, random_init_knn), path)
     (out / MID_EPOCH_NAME).unlink(missing_ok=True)
     if previous is not None and previous != path:
         prev_epoch = int(previous.name.split("_")[1].split(".")[0])
