@@ -146,7 +146,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def precision_of(metrics: dict[str, Any]) -> str | None:
-    """fp32, amp, or e.g. "fp32 to it. 1200, then amp" for a trial resumed in another precision; None if unknown."""
+    """fp32, amp, or e.g. "fp32, then amp from it. 1200" for a trial resumed in another precision; None if unknown.
+
+    The rule: the precision of the first segment, then for every segment whose precision differs from the one
+    before, ", then <precision> from it. <its start iteration>" (docs/voc.md shows the same form).
+    """
     segments = metrics.get("segments")
     if not isinstance(segments, list) or not segments:
         amp = metrics.get("amp")

@@ -20,9 +20,10 @@ pytest.importorskip("detectron2", reason="detectron2 not installed (build it fro
 from detectron2.engine import AMPTrainer, DefaultTrainer, train_loop  # noqa: E402
 
 from moco_transfer.cli import main  # noqa: E402
+from moco_transfer.eval import voc  # noqa: E402
 from moco_transfer.eval.voc import VocOptions, build_config  # noqa: E402
-from moco_transfer.eval.voc_memory import Setting  # noqa: E402
-from moco_transfer.eval.voc_probe import RESULT_MARK, Prober, image_size_of  # noqa: E402
+from moco_transfer.eval.voc_memory import GIB, Setting, TrialShape, plan_memory  # noqa: E402
+from moco_transfer.eval.voc_probe import RESULT_MARK, ProbeError, Prober, image_size_of, sizes_of  # noqa: E402
 from moco_transfer.eval.voc_probe import main as probe_main  # noqa: E402
 from moco_transfer.eval.voc_train import register_voc, trainer_class  # noqa: E402
 from moco_transfer.eval.voc_trials import TrialState, trial_state  # noqa: E402
@@ -116,15 +117,52 @@ def test_probe_iteration_runs_at_the_largest_size(moco_checkpoint, voc_root, tmp
     cfg = _tiny_cfg(voc_root, tmp_path, moco_checkpoint)
     size = image_size_of(cfg)
     assert size == (64, 96)  # MIN_SIZE_TRAIN (64,), MAX_SIZE_TRAIN 96, aspect-ratio grouping on
-    prober = Prober(cfg, size, device="cpu")
+    two = cfg.clone()
+    two.INPUT.MIN_SIZE_TRAIN = (48, 64)
+    assert sizes_of(two) == [(64, 96), (48, 96)]  # the largest input and the one of the smallest short side
+    prober = Prober(cfg, sizes_of(cfg), device="cpu")
     before = prober.model.roi_heads.box_predictor.cls_score.weight.detach().clone()
-    prober.step(Setting(2, False))
-    assert [tuple(s["image"].shape) for s in prober.samples] == [(3, 64, 96)] * 2
-    assert all(len(s["instances"]) > 0 for s in prober.samples)  # real annotations, resized with the image
+    assert not prober.optimizer.state
+    assert prober.measure(Setting(2, False)) == 0  # the CPU has no allocator statistics: warm-up and steps only
+    samples = prober.samples[size]
+    assert [tuple(s["image"].shape) for s in samples] == [(3, 64, 96)] * 2
+    assert all(len(s["instances"]) > 0 for s in samples)  # real annotations, resized with the image
     assert not torch.equal(before, prober.model.roi_heads.box_predictor.cls_score.weight)  # a real optimizer step
+    assert prober.optimizer.state  # momentum buffers exist: what training holds
+    assert prober.details[-1]["warmup_steps"] == 1 and prober.details[-1]["sizes"] == [[64, 96]]
+
+    # an allocation failure of cuBLAS means "does not fit"; an illegal memory access stops the probe
+    def fail(message):
+        def step(setting, size=None):
+            raise RuntimeError(message)
+        return step
+
+    prober.step = fail("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert prober.measure(Setting(2, True)) is None
+    assert prober.details[-1]["failed"] == "allocation failed (CUBLAS_STATUS_ALLOC_FAILED)"
+    prober.step = fail("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(ProbeError, match="probe iteration of 2 images per GPU in fp32 failed: RuntimeError: CUDA "
+                                         "error: an illegal memory access was encountered"):
+        prober.measure(Setting(2, False))
     cfg_file = tmp_path / "probe.yaml"
     cfg_file.write_text(cfg.dump())
     shape = json.dumps({"ims_per_batch": 2, "base_lr": 0.002, "steps": [3], "max_iter": 4, "gpus": 0})
     assert probe_main([str(cfg_file), str(voc_root), "--shape", shape]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == RESULT_MARK + json.dumps({"skipped": "no CUDA device visible"})
+
+
+def test_a_trial_that_does_not_fit_stops_before_any_trial_folder_or_run_record(moco_checkpoint, voc_root, tmp_path,
+                                                                              monkeypatch):
+    """On one (pretended) GPU with a probe plan that does not fit: the message, and nothing written for trials."""
+    plan = plan_memory(TrialShape(2, 0.002, (3,), 4, gpus=1, visible_gpus=1), int(10 * GIB), int(12 * GIB),
+                       lambda s: int((1 + 6 * s.ims_per_gpu * (0.5 if s.amp else 1)) * GIB), image_size=(64, 96))
+    assert not plan.fits
+    monkeypatch.setattr(voc, "visible_devices", lambda env, n: ["0"])
+    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: plan)
+    out = tmp_path / "run"
+    res = _run([str(moco_checkpoint), "--voc-root", str(voc_root), "--output", str(out), "--trials", "2", "--gpus",
+                "1", "--opts", *TINY])
+    assert res.exit_code == 1
+    assert plan.message() in res.output and "Traceback" not in res.output
+    assert not (out / "trial_0").exists() and not (out / "run.json").exists()

@@ -137,10 +137,16 @@ def test_supersede_moves_trials_and_records_only(tmp_path):
 
 
 def test_precision_of_resumed_trials_and_trial_lines():
-    assert precision_of({}) is None and precision_of({"amp": True}) == "amp"
+    """precision_of's rule (its docstring, docs/voc.md): the first segment's precision, then ", then P from it. N"
+    at each segment whose precision differs from the previous one (N its start iteration)."""
+    assert precision_of({}) is None and precision_of({"amp": True}) == "amp" and precision_of({"amp": False}) == "fp32"
     segs = [{"start_iter": 0, "amp": False}, {"start_iter": 1200, "amp": True}, {"start_iter": 5000, "amp": True}]
-    assert precision_of({"segments": segs}) == "fp32, then amp from it. 1200"
+    first, switch = "fp32", segs[1]  # segment 3 repeats amp: no new switch
+    assert precision_of({"segments": segs}) == f"{first}, then amp from it. {switch['start_iter']}"
     assert precision_of({"segments": segs[:1]}) == "fp32"
+    back = [*segs, {"start_iter": 9000, "amp": False}]
+    assert precision_of({"segments": back}) == "fp32, then amp from it. 1200, then fp32 from it. 9000"
+    assert precision_of({"segments": segs[1:]}) == "amp"  # one precision throughout, resumed or not
     m = {"AP": 57.0, "AP50": 82.41, "AP75": None, "seed": 3, "segments": segs[1:]}
     assert format_trial_line(3, 5, m) == "trial 4/5 (seed 3): AP50 82.41 AP 57.00 AP75 - [amp]"
 
