@@ -186,6 +186,7 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
     from moco_transfer.eval.linear import LinearConfig, run_linear
+    from moco_transfer.signals import StoppedBySignal
 
     try:
         steps = tuple(int(m) for m in milestones.split(",")) if milestones else None
@@ -198,6 +199,9 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
         report = run_linear(checkpoint, output, data, cfg, cache_dir, not no_cache, resume, device)
     except (CheckpointError, DataError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    except StoppedBySignal as exc:  # state saved; exit code 75 tells a job script to requeue (then --resume)
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     for warning in report.get("warnings", []):

@@ -5,6 +5,12 @@ lr 30 per 256 images, lr x0.1 at 60% and 80% of the epochs (60 and 80 of 100), R
 training, resize/center-crop for validation, a check that no backbone tensor changed.
 cached: the same optimiser and schedule on features of the center crops, extracted once and cached.
 lbfgs: scikit-learn's L2-regularised logistic regression, C chosen on a held-out part of train.
+
+SIGTERM or SIGUSR1 during SGD training stops it after the step in progress: the state (fc, optimizer, history
+and where the epoch stood) goes to linear_checkpoint.pth.tar and the run exits with EXIT_STOPPED (75);
+`--resume` then runs the rest of that epoch. Each epoch's order is seeded by (seed, epoch) and each training
+image's crop and flip by (seed, epoch, index), so a resumed run sees the batches and views the straight run
+would have seen, whichever worker loads them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
+from moco_transfer.signals import StoppedBySignal, StopRequest
 
 from .common import backbone_features
 from .report import save_curve
@@ -114,10 +121,26 @@ def evaluate(fc: nn.Module, batches: Batches, device: torch.device) -> dict[str,
     return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
 class FeatureSource:
-    """Where the fc's inputs come from: a frozen backbone on images, or cached feature tensors."""
+    """Where the fc's inputs come from: a frozen backbone on images, or cached feature tensors.
+
+    `start_at(batch)` makes the next `train_batches` begin at that batch of the epoch without producing the ones
+    before it (a run resumed mid-epoch); it applies to one epoch only.
+    """
 
     num_train: int
+    start: int = 0
+
+    def start_at(self, batch: int) -> None:
+        self.start = batch
+
+    def _take_start(self) -> int:
+        start, self.start = self.start, 0
+        return start
 
     def train_batches(self, epoch: int) -> Batches:
         raise NotImplementedError
@@ -126,21 +149,66 @@ class FeatureSource:
         raise NotImplementedError
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """This rank's share of a permutation seeded by (seed, epoch), as `(epoch seed, index)` keys for SeededViews.
+
+    Ranks split it as DistributedSampler does (padded with its head to a multiple of the world, every world-th
+    index). Unlike a shuffling DataLoader, whose order depends on how many epochs the loader has run, epoch e's
+    order is the same in a resumed run, and `start` skips batches without loading them.
+    """
+
+    def __init__(self, size: int, per_rank: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        self.size, self.per_rank, self.seed, self.world, self.rank = size, per_rank, seed, world, rank
+        self.epoch = self.start = 0
+
+    def _shard(self) -> list[int]:
+        seed = epoch_seed(self.seed, self.epoch)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
+        if self.world > 1:
+            order = (order + order[:(-self.size) % self.world])[self.rank::self.world]
+        return order[self.start * self.per_rank:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed = epoch_seed(self.seed, self.epoch)
+        return iter([(seed, i) for i in self._shard()])
+
+    def __len__(self) -> int:
+        return max(math.ceil(self.size / self.world) - self.start * self.per_rank, 0)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Item `(epoch seed, i)`: image i with its random crop and flip drawn from that pair alone.
+
+    The torchvision transforms draw from torch's global generator, which differs between loader workers and
+    between a straight and a resumed run; forking it around each item makes the views depend on nothing else.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        seed, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 1_000_003 + index) % (1 << 63))
+            return self.dataset[index]
+
+
 class BackboneSource(FeatureSource):
-    """Images through the frozen backbone (eval mode, no grad); training shards via DistributedSampler."""
+    """Images through the frozen backbone (eval mode, no grad); training shards via EpochOrder."""
 
     def __init__(self, backbone: nn.Module, train_set: Any, val_set: Any, batch_size: int, workers: int,
                  device: torch.device, seed: int) -> None:
         self.backbone, self.device = backbone, device
         world, rank = du.world_size(), du.rank()
         per_rank = max(1, batch_size // world)
-        self.sampler = (torch.utils.data.distributed.DistributedSampler(train_set, world, rank, True, seed)
-                        if world > 1 else None)
-        gen = torch.Generator().manual_seed(seed)
+        self.sampler = EpochOrder(len(train_set), per_rank, seed, world, rank)
         pin = device.type == "cuda"
         self.train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=per_rank, shuffle=self.sampler is None, sampler=self.sampler, generator=gen,
-            num_workers=workers, pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0)
+            SeededViews(train_set), batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+            pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0)
         shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world))) if world > 1 else val_set
         self.val_loader = torch.utils.data.DataLoader(
             shard, batch_size=per_rank, shuffle=False, num_workers=workers, pin_memory=pin,
@@ -157,15 +225,14 @@ class BackboneSource(FeatureSource):
             yield feats, labels
 
     def train_batches(self, epoch: int) -> Batches:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.sampler.epoch, self.sampler.start = epoch, self._take_start()
         return self._features(self.train_loader)
 
     def val_batches(self) -> Batches:
         return self._features(self.val_loader)
 
-    def __len__(self) -> int:
-        return len(self.train_loader)
+    def __len__(self) -> int:  # batches in a whole epoch, whatever start_at says
+        return math.ceil(math.ceil(self.sampler.size / self.sampler.world) / self.sampler.per_rank)
 
 
 class TensorSource(FeatureSource):
@@ -181,9 +248,12 @@ class TensorSource(FeatureSource):
         self.seed, self.num_train = seed, len(train_f)
 
     def train_batches(self, epoch: int) -> Batches:
+        return self._batches(epoch, self._take_start())
+
+    def _batches(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(self.seed + epoch))
         order = order[du.rank()::du.world_size()]
-        for start in range(0, len(order), self.per_rank):
+        for start in range(first * self.per_rank, len(order), self.per_rank):
             idx = order[start:start + self.per_rank]
             yield self.train_f[idx], self.train_l[idx]
 
@@ -195,10 +265,28 @@ class TensorSource(FeatureSource):
         return math.ceil(math.ceil(self.num_train / du.world_size()) / self.per_rank)
 
 
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when true on any: all ranks must stop at the same step, or DDP's next all-reduce hangs.
+
+    One 4-byte all-reduce per step; a step already all-reduces the fc's gradients (and, faithful, runs the
+    backbone on a batch), so this costs little next to it.
+    """
+    if not du.is_distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: LinearConfig, device: torch.device,
               state_path: Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
-              after_first_epoch: Callable[[], None] | None = None, show_batches: bool = True) -> dict[str, Any]:
-    """The SGD protocol on whatever `source` yields; per-epoch top-1/top-5, resumable from `state_path`."""
+              after_first_epoch: Callable[[], None] | None = None, show_batches: bool = True,
+              stop: StopRequest | None = None) -> dict[str, Any]:
+    """The SGD protocol on whatever `source` yields; per-epoch top-1/top-5, resumable from `state_path`.
+
+    With `stop`, a signal ends training after the step in progress on every rank: the state, with the epoch's
+    position and every rank's running loss, goes to `state_path` and StoppedBySignal is raised.
+    """
     torch.manual_seed(cfg.seed)
     fc = fresh_fc(in_features, num_classes).to(device)
     model: nn.Module = fc
@@ -209,6 +297,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
     optimizer = torch.optim.SGD(fc.parameters(), lr=lr0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
     start_epoch = 0
+    mid: dict[str, Any] | None = None  # where a stopped epoch stood: step, per-rank loss sums and counts, seconds
     if resume and state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if meta and state.get("meta") != meta:
@@ -217,6 +306,17 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         fc.load_state_dict(state["fc"])
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
+        mid = state.get("mid_epoch")
+        if mid is not None and len(mid["loss_sums"]) != du.world_size():
+            raise CheckpointError(f"--resume {state_path}: stopped mid-epoch with {len(mid['loss_sums'])} "
+                                  f"process(es), now {du.world_size()}; resume with as many")
+
+    def save(epoch_done: int, extra: dict[str, Any] | None = None) -> None:
+        if state_path is not None and du.is_main_process():
+            atomic_save({"epoch": epoch_done, "fc": fc.state_dict(), "optimizer": optimizer.state_dict(),
+                         "history": history, "meta": meta or {}, **(extra or {})}, state_path)
+        du.barrier()
+
     epochs_bar = progress(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
                           total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
     for epoch in epochs_bar:
@@ -224,8 +324,15 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         for group in optimizer.param_groups:
             group["lr"] = lr
         fc.train()
-        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        bar = progress(source.train_batches(epoch), total=len(source), leave=False, dynamic_ncols=True,
+        loss_sum, seen, step, before = 0.0, 0, 0, 0.0
+        if mid is not None and mid["epoch"] == epoch:
+            step, before = int(mid["step"]), float(mid["train_seconds"])
+            loss_sum, seen = float(mid["loss_sums"][du.rank()]), int(mid["seen"][du.rank()])
+            source.start_at(step)
+        mid = None
+        steps = len(source)
+        t0 = time.perf_counter()
+        bar = progress(source.train_batches(epoch), total=steps, initial=step, leave=False, dynamic_ncols=True,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (show_batches and du.is_main_process()))
         for feats, labels in bar:
             feats, labels = feats.to(device), labels.to(device)
@@ -235,9 +342,18 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
             optimizer.step()
             loss_sum += loss.item() * labels.numel()
             seen += labels.numel()
+            step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}",
-                            img_s=f"{seen * du.world_size() / (time.perf_counter() - t0):.0f}")
-        train_time = time.perf_counter() - t0
+                            img_s=f"{seen * du.world_size() / (before + time.perf_counter() - t0):.0f}")
+            if stop is not None and step < steps and _agree(stop.requested, device):
+                bar.close()
+                sums = du.concat_all_gather(torch.tensor([[loss_sum, seen]], dtype=torch.float64, device=device))
+                save(epoch, {"mid_epoch": {"epoch": epoch, "step": step, "loss_sums": sums[:, 0].tolist(),
+                                           "seen": [int(n) for n in sums[:, 1].tolist()],
+                                           "train_seconds": before + time.perf_counter() - t0}})
+                raise StoppedBySignal(f"linear: stopped by {stop.signal_name} in epoch {epoch + 1} after batch "
+                                      f"{step} of {steps}; wrote {state_path}. Continue with --resume.")
+        train_time = before + time.perf_counter() - t0
         if epoch == start_epoch and after_first_epoch is not None:
             after_first_epoch()
         fc.eval()
@@ -248,10 +364,10 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         history.append(row)
         epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.3g}", top1=f"{acc['top1']:.2f}",
                                best=f"{max(h['top1'] for h in history):.2f}")
-        if state_path is not None and du.is_main_process():
-            atomic_save({"epoch": epoch + 1, "fc": fc.state_dict(), "optimizer": optimizer.state_dict(),
-                         "history": history, "meta": meta or {}}, state_path)
-        du.barrier()
+        save(epoch + 1)
+        if stop is not None and epoch + 1 < cfg.epochs and _agree(stop.requested, device):
+            raise StoppedBySignal(f"linear: stopped by {stop.signal_name} after epoch {epoch + 1}; wrote "
+                                  f"{state_path}. Continue with --resume.")
     if not history:
         raise ValueError(f"linear: no epochs to run (epochs={cfg.epochs}, resumed at {start_epoch})")
     best = max(history, key=lambda h: h["top1"])
@@ -303,7 +419,11 @@ def divergence_warnings(history: list[dict[str, float]], num_classes: int) -> li
 def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike | None = None,
                cfg: LinearConfig | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                resume: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Evaluate `checkpoint` with `cfg.mode`; writes linear.json and linear_curve.png to `output`."""
+    """Evaluate `checkpoint` with `cfg.mode`; writes linear.json and linear_curve.png to `output`.
+
+    SGD training (faithful, cached) stops on SIGTERM/SIGUSR1 with StoppedBySignal after saving its state;
+    feature extraction and lbfgs keep the signals' default actions (nothing of theirs could be saved).
+    """
     cfg = cfg or LinearConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"--solver/mode {cfg.mode!r}: expected one of {MODES}")
@@ -325,8 +445,9 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
     if faithful:
         source = BackboneSource(pb.model, pair.train, pair.val, cfg.batch_size, cfg.workers, dev, cfg.seed)
         reference = snapshot(pb.model)
-        result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
-                           after_first_epoch=lambda: assert_unchanged(pb.model, reference))
+        with StopRequest() as stop:
+            result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
+                               after_first_epoch=lambda: assert_unchanged(pb.model, reference), stop=stop)
         assert_unchanged(pb.model, reference)
         extra["backbone_unchanged"] = True
         extra["skipped_files"] = len(source.bad_paths)
@@ -338,8 +459,9 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         if cfg.mode == "cached":
             source = TensorSource(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
                                   cfg.batch_size, cfg.seed)
-            result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
-                               show_batches=False)
+            with StopRequest() as stop:
+                result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
+                                   show_batches=False, stop=stop)
         else:
             result = train_lbfgs(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
                                  num_classes, cfg)
