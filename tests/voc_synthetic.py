@@ -69,8 +69,12 @@ def _xml(folder: str, image_id: str, w: int, h: int, objects: list[tuple[str, tu
 
 
 def write_voc(root: Path, n_trainval07: int = 4, n_test07: int = 4, n_trainval12: int = 2, size: int = 64,
-              seed: int = 0) -> Path:
-    """Write the tree under `root` (root/VOC2007, root/VOC2012); every class appears in the 2007 test split."""
+              seed: int = 0, width: int | None = None, height: int | None = None) -> Path:
+    """Write the tree under `root` (root/VOC2007, root/VOC2012); every class appears in the 2007 test split.
+
+    Images are `size` pixels square, or `width` x `height` (e.g. 1333 x 800, the largest training input).
+    """
+    w, h = width or size, height or size
     rng = random.Random(seed)
     splits = {("VOC2007", "trainval"): n_trainval07, ("VOC2007", "test"): n_test07,
               ("VOC2012", "trainval"): n_trainval12}
@@ -83,18 +87,18 @@ def write_voc(root: Path, n_trainval07: int = 4, n_test07: int = 4, n_trainval12
         for i in range(n):
             counter += 1
             image_id = f"{2007 if folder == 'VOC2007' else 2012}_{counter:06d}"
-            img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+            img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
             draw = ImageDraw.Draw(img)
             objects = []
             per_image = 5 if split == "test" else 3
             for j in range(per_image):
                 cls = CLASSES[(i * per_image + j) % len(CLASSES)]
-                x0, y0 = rng.randrange(1, size // 2), rng.randrange(1, size // 2)
-                x1, y1 = min(size, x0 + rng.randrange(12, size // 2)), min(size, y0 + rng.randrange(12, size // 2))
+                x0, y0 = rng.randrange(1, w // 2), rng.randrange(1, h // 2)
+                x1, y1 = min(w, x0 + rng.randrange(12, w // 2)), min(h, y0 + rng.randrange(12, h // 2))
                 draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
                 objects.append((cls, (x0, y0, x1, y1), int(j == per_image - 1 and split == "trainval")))
             img.save(base / "JPEGImages" / f"{image_id}.jpg", quality=90)
-            (base / "Annotations" / f"{image_id}.xml").write_text(_xml(folder, image_id, size, size, objects))
+            (base / "Annotations" / f"{image_id}.xml").write_text(_xml(folder, image_id, w, h, objects))
             ids.append(image_id)
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return root
