@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS_SECONDS = 240
+TESTS_SECONDS = 240 + 120  # + the VOC part (tests/test_cuda_voc.py), about 2 minutes on one H200
 BENCH_SECONDS = 300
 
 
@@ -84,6 +84,17 @@ def markdown(report: dict[str, Any]) -> str:
         if b.get("compile_seconds") is not None:
             lines.append(f"\n--compile: about {b['compile_seconds']:.0f} s of compilation; loss of the compiled model "
                          f"on one batch {b['compile_loss_relative_gap']:.1e} (relative) from eager.")
+    voc = tests.get("figures", {}).get("voc", {})
+    if voc.get("fp32") or voc.get("amp"):
+        lines += ["", "## VOC memory pre-flight: probe prediction vs peak reserved over 40 real iterations", "",
+                  "| precision | images/GPU | predicted GiB | real peak GiB | ratio | warm-up steps | s/iter |",
+                  "|---|---|---|---|---|---|---|"]
+        for key in ("fp32", "amp"):
+            v = voc.get(key)
+            if v:
+                cells = (key, v["images_per_gpu"], v["predicted_reserved_gib"], v["real_peak_reserved_gib"], v["ratio"],
+                         v["warmup_steps"], v["s_per_iter"])
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "## Targets", ""]
     lines += [f"- {name}: {'met' if ok else 'MISSED' if ok is False else 'not measured'} ({detail})"
               for name, (ok, detail) in t.items()]
@@ -147,6 +158,13 @@ def main() -> None:
         "device pipeline alone >= 2x the model-only step": (
             None if b.get("b_over_c") is None else b["b_over_c"] >= 2.0, f"{b.get('b_over_c')}"),
     }
+    voc = figures.get("voc", {})
+    for label, key in (("fp32", "fp32"), ("--amp", "amp")):
+        v = voc.get(key, {})
+        report["targets"][f"VOC probe prediction >= real peak and <= 1.15x ({label})"] = (
+            None if v.get("ratio") is None else 1.0 <= v["ratio"] <= 1.15,
+            f"{v.get('ratio')}: {v.get('predicted_reserved_gib')} GiB predicted, {v.get('real_peak_reserved_gib')} "
+            "GiB peak over 40 iterations")
     report["seconds"] = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))
