@@ -2,7 +2,8 @@
 # The one command for a machine with an NVIDIA GPU: `bash benchmarks/gpu_check.sh [--out DIR]`.
 # Runs the GPU suite (`pytest -m cuda`), then bench_pipeline.py at ResNet-50, 224 px, batch 256, bf16 +
 # channels_last, and writes DIR/gpu_check.md and DIR/gpu_check.json (default DIR: the current folder).
-# Generates its own data and downloads nothing; at most about 6 minutes on one H200.
+# Generates its own data and downloads nothing; at most about 6 minutes on one H200 (+2 for the VOC part, which
+# runs when .gpu_detectron2/ is there: see benchmarks/gpu_detectron2.sh and docs/voc.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -12,6 +13,13 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 if ! "$PYTHON" -c "import pytest" 2>/dev/null; then  # the GPU machine has no registry: wheels from gpu_wheels.sh
     "$PYTHON" -m pip install --quiet --no-index --find-links .gpu_wheels pytest
+fi
+if [ -d .gpu_detectron2/detectron2 ]; then  # detectron2's Python sources (gpu_detectron2.sh): the VOC part runs
+    export PYTHONPATH="$PWD/.gpu_detectron2${PYTHONPATH:+:$PYTHONPATH}"
+    if ! "$PYTHON" -c "import detectron2.engine, detectron2.evaluation" 2>/dev/null; then  # its needs: gpu_wheels.sh
+        "$PYTHON" -m pip install --quiet --no-index --find-links .gpu_wheels fvcore iopath omegaconf pycocotools \
+            termcolor yacs tabulate portalocker cloudpickle
+    fi
 fi
 if ! "$PYTHON" -c "import moco_transfer.pretrain" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .

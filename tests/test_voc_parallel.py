@@ -41,7 +41,8 @@ def test_parallel_trials_bookkeeping_oom_and_resume(moco_checkpoint, voc_root, t
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(INJECT)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    before = os.environ.get("PYTHONPATH")  # may hold detectron2's sources (docs/voc.md): the trials need it too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(inject), before])))
     out = tmp_path / "run"
     t0, t1 = out / "trial_0", out / "trial_1"
     args = [str(moco_checkpoint), "--voc-root", str(voc_root), "--output", str(out), "--trials", "2", "--gpus", "0",
@@ -58,6 +59,13 @@ def test_parallel_trials_bookkeeping_oom_and_resume(moco_checkpoint, voc_root, t
             "ran out of memory.") in res.output
     assert f"{t1} keeps its checkpoint after iteration 2" in res.output
     assert "Traceback" not in res.output and "Traceback" not in (t1 / "console.log").read_text()
+    heads = [next(line for line in (t / "console.log").read_text().splitlines() if line.startswith("voc_train: "))
+             for t in (t0, t1)]
+    urls = [h.split("rendezvous ")[1].split(",")[0] for h in heads]
+    for t, other, head in ((t0, t1, heads[0]), (t1, t0, heads[1])):
+        assert head.startswith(f"voc_train: {t} on CUDA_VISIBLE_DEVICES=, 0 GPU(s), rendezvous tcp://127.0.0.1:")
+        assert str(other) not in (t / "console.log").read_text()  # each trial's log is its own
+    assert urls[0] != urls[1]  # the parent handed each running trial its own port
     assert trial_state(t0) is TrialState.FINISHED and trial_state(t1) is TrialState.INTERRUPTED
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials_finished"] == 1 and summary["trials"][0]["trial"] == 0
@@ -67,7 +75,10 @@ def test_parallel_trials_bookkeeping_oom_and_resume(moco_checkpoint, voc_root, t
     assert run["projection"]["seconds"] == pytest.approx(4 * run["projection"]["s_per_iter"])  # one round of two
 
     # Without the injected error the interrupted trial resumes in its own subprocess; the finished one is kept.
-    monkeypatch.delenv("PYTHONPATH")
+    if before is None:
+        monkeypatch.delenv("PYTHONPATH")
+    else:
+        monkeypatch.setenv("PYTHONPATH", before)
     metrics0 = (t0 / "metrics.json").read_text()
     res = CliRunner().invoke(main, ["eval", "voc", *args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
