@@ -1,10 +1,11 @@
 """Does a VOC trial fit in GPU memory, and if not, what does? The decision and its message. No detectron2, no GPU.
 
-The numbers come from probe iterations (`voc_probe`): one real forward, backward and optimizer step of the
-trial's model at the largest input the training resize can produce, in a chosen precision and number of images
-per GPU, with the peak memory the caching allocator reserved. Memory grows with the images per GPU and halves
-roughly with fp16 activations, but the constant part (weights, gradients, momentum, cuDNN workspaces) and
-allocator fragmentation make any extrapolation a guess, so every option that is offered is measured, not scaled.
+The numbers come from probe iterations (`voc_probe`): real forward, backward and optimizer steps of the trial's
+model at the largest input the training resize can produce (and a smaller one), in a chosen precision and number
+of images per GPU, read as the caching allocator's peak reserved memory plus the memory outside it. Memory grows
+with the images per GPU and halves roughly with fp16 activations, but the constant part (weights, gradients,
+momentum, cuDNN workspaces) and allocator fragmentation make any extrapolation a guess, so every option that is
+offered is measured, not scaled.
 `measure` is any callable returning the bytes a setting needs, or None when the probe itself ran out of memory.
 The free memory is that of the tightest GPU the run uses (`GpuMemory`): every GPU of every trial group is read.
 """
@@ -34,8 +35,10 @@ BUSY_BYTES = 2 * GIB
 # (a DistBackendError; its "Cuda failure 1 'invalid argument'" variant is not about memory).
 ALLOCATION_MARKERS = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
                       "Cuda failure 'out of memory'", "Cuda failure 2 'out of memory'")
-# Kept free beyond the probe's peak: images smaller than the largest size can still need more memory through
-# padding of a batch, more ground-truth boxes or proposals, and fragmentation grows over thousands of iterations.
+# Kept free beyond the probe's need, for what the probe does not see: batches with more ground-truth boxes or
+# proposals than the first images, DDP buckets and NCCL buffers (the probe is one process), fragmentation over
+# thousands of iterations, other processes starting on the GPU. The probe itself is held against 40 real
+# multi-scale iterations by the GPU check (tests/test_cuda_voc.py); this margin is on top of that.
 HEADROOM_FRACTION = 0.06
 # Measured with `moco eval voc --gpus 1` on one H100 80 GB (torch 2.11, R50-C4, synthetic VOC 400-500 px images),
 # keyed by (images per GPU, AMP). The fp32 16-image run died at iteration 14 with 74.7 GB in use.
