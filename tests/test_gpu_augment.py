@@ -263,7 +263,8 @@ def test_the_pil_kernel_written_here_is_pils(sigma: float) -> None:
     to its rounding (PIL rounds after each of its six passes). Measured on the 96 px photo, away from the edges:
     at most 2.8 levels, mean 0.28-0.50; a Gaussian of the same sigma cut at 3 px is 11-14 levels off at sigma
     0.3 and 2. The outermost taps (weight a**3, under half a level) do not show in 8 bits, so the reach of 3
-    boxes per axis rests on PIL's 3 passes (ImageFilter.GaussianBlur -> ImagingGaussianBlur(passes=3)).
+    boxes per axis rests on PIL's 3 passes (Pillow's default; with this Pillow, GaussianBlur's output equals
+    its core's gaussian_blur with passes=3 and differs from 2 or 4).
     """
     kernel = _pil_kernel(sigma)
     r = (len(kernel) - 1) // 2
