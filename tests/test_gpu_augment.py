@@ -260,7 +260,7 @@ def test_the_pil_kernel_written_here_is_pils(sigma: float) -> None:
     """The reference's radius comes from PIL's definition: check that definition against PIL's own output.
 
     The kernel has variance sigma**2 and, applied in float with replicated edges, gives PIL's 8-bit result up
-    to its rounding (PIL rounds after each of its six passes). Measured on the 96 px photo, away from the edges:
+    to PIL's 8-bit rounding. Measured on the 96 px photo, away from the edges:
     at most 2.8 levels, mean 0.28-0.50; a Gaussian of the same sigma cut at 3 px is 11-14 levels off at sigma
     0.3 and 2. The outermost taps (weight a**3, under half a level) do not show in 8 bits, so the reach of 3
     boxes per axis rests on PIL's 3 passes (Pillow's default; with this Pillow, GaussianBlur's output equals
