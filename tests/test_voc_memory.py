@@ -446,3 +446,22 @@ def test_reprobe_after_a_training_oom_runs_in_a_fresh_process(tmp_path, monkeypa
 @pytest.mark.parametrize("ims,amp,text", [(1, False, "1 image per GPU in fp32"), (8, True, "8 images per GPU in fp16")])
 def test_setting_wording(ims, amp, text):
     assert Setting(ims, amp).describe().startswith(text)
+
+
+def test_each_trial_starts_its_own_peak_and_takes_the_memory_cap(monkeypatch):
+    """start_memory_stats (run_trial's first step) on a CUDA process: peak reset, cap on its own device only."""
+    from moco_transfer.eval import voc_train
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append(("reset", *a)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, d)))
+    voc_train.start_memory_stats()
+    assert calls == [("reset",)]
+    monkeypatch.setenv("MOCO_GPU_MEMORY_FRACTION", "0.5")
+    calls.clear()
+    voc_train.start_memory_stats()
+    assert calls == [("cap", 0.5, 3), ("reset",)]  # not on the other 7 devices: that would open contexts there
