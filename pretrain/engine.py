@@ -42,7 +42,7 @@ from .preemption import (
     StopRequest,
     agree,
     newest_checkpoint,
-    random_states,
+    rank_states,
     restore_random_states,
 )
 from .schedule import lr_at_epoch
@@ -338,11 +338,10 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
 
     def save_mid_epoch(at: EpochPosition) -> Path:
         pipeline_rng = loader.consumed_rng if isinstance(loader, DevicePipeline) else None
-        states = random_states(pipeline_rng, device)  # every rank takes part
+        states = rank_states(at, pipeline_rng, device)  # every rank takes part
         path = out / MID_EPOCH_NAME
         if du.is_main_process():
-            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "loss_sum": at.loss_sum,
-                                   "acc_sum": at.acc_sum, "rng": states}}
+            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "rng": states}}
             atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
         du.barrier()
         return path
@@ -434,7 +433,8 @@ def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | 
             "starts again from its first batch")
         return None, None
     log(f"resumed from {path} in epoch {epoch + 1}, after its batch {step}")
-    return EpochPosition(epoch, step, float(mid["loss_sum"]), float(mid["acc_sum"])), states[du.rank()]
+    mine = states[du.rank()]
+    return EpochPosition(epoch, step, float(mine["loss_sum"]), float(mine["acc_sum"])), mine
 
 
 def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device,

@@ -45,11 +45,14 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def random_states(pipeline_state: torch.Tensor | None, device: torch.device) -> list[dict[str, Any]]:
-    """Every rank's generators, gathered on all ranks (rank r's at index r): a collective in a process group."""
+def rank_states(at: EpochPosition, pipeline_state: torch.Tensor | None, device: torch.device
+                ) -> list[dict[str, Any]]:
+    """Every rank's generators and running sums (each rank sums its own batches), gathered on all ranks (rank
+    r's at index r): a collective in a process group."""
     mine = {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "pipeline": pipeline_state.cpu() if pipeline_state is not None else None}
+            "pipeline": pipeline_state.cpu() if pipeline_state is not None else None,
+            "loss_sum": at.loss_sum, "acc_sum": at.acc_sum}
     if not du.is_distributed():
         return [mine]
     gathered: list[Any] = [None] * du.world_size()
