@@ -206,14 +206,19 @@ def image_size_of(cfg: Any) -> tuple[int, int]:
 def read_gpus(ids: Sequence[str]) -> list[GpuMemory]:
     """Free and total memory of every visible GPU (named by `ids`, the run's CUDA_VISIBLE_DEVICES entries).
 
-    cudaMemGetInfo reports the whole device, other processes included; this process's own fresh context is in
-    the used part, which is why a GPU is called busy only above voc_memory.BUSY_BYTES. Under a memory fraction
-    the allocator cannot reserve more than fraction x total, so free is capped there.
+    cudaMemGetInfo reports the whole device, other processes included (torch.cuda.memory_reserved is this
+    process's alone, pytorch#103243). It creates a context on the device it reads (pytorch#103584, #86493: several
+    hundred MB that stay until the process ends): harmless here, in a process that exits before training, and the
+    reason a GPU is called busy only above voc_memory.BUSY_BYTES. Each read runs under that device's guard (an old
+    torch read the current device whatever index was passed, pytorch#76224). Under a memory fraction the allocator
+    cannot reserve more than fraction x total (the cap covers only the allocator, pytorch#58466, so counting the
+    memory outside it against the capped free memory errs on the safe side).
     """
     f = memory_fraction()
     out = []
     for i in range(torch.cuda.device_count()):
-        free, total = (int(x) for x in torch.cuda.mem_get_info(i))
+        with torch.cuda.device(i):
+            free, total = (int(x) for x in torch.cuda.mem_get_info())
         used = total - free
         if f is not None:
             free = min(free, int(f * total))
