@@ -51,6 +51,16 @@ def gpu_report() -> dict[str, object]:
         Path(path).write_text(json.dumps(GPU_REPORT, indent=2, default=str))
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: beside a producer thread or loader workers, two intra-op threads
+    thrash 2 cores (4x slower here). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and val/ with 2 classes: 16 + 8 images per class, 24 px."""

@@ -366,15 +366,6 @@ def test_the_log_records_cpu_decoded_and_skipped_files(tmp_path):
     assert record["skipped_files"] >= 1 and all("img_005.jpg" in p for p in record["skipped_examples"])
 
 
-@pytest.fixture
-def one_thread():
-    """A producer thread, a loader worker and two intra-op threads thrash 2 cores: 4x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_run_stopped_in_epoch_3_resumes_to_the_losses_and_weights_of_a_straight_run(tmp_path, monkeypatch,
                                                                                       capsys, one_thread):
     """In process: the SIGKILL itself is tested with the CPU pipeline (test_pretrain_engine); what the device

@@ -200,7 +200,7 @@ def test_a_second_signal_changes_nothing_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_random_weights_knn_is_taken_from_the_checkpoint_on_resume(tiny_folder, tmp_path, monkeypatch):
+def test_random_weights_knn_is_taken_from_the_checkpoint_on_resume(tiny_folder, tmp_path, monkeypatch, one_thread):
     from moco_transfer.pretrain import engine
     from moco_transfer.pretrain.config import resolve_config
 
