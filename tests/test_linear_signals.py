@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from moco_transfer.eval.linear import STATE_NAME, LinearConfig, TensorSource, train_sgd
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal
@@ -70,6 +73,48 @@ def test_stop_then_resume_matches_the_straight_run(tmp_path: Path, stop_after: i
     for a, b in zip(straight["history"], resumed["history"], strict=True):
         assert [a[k] for k in keys] == [b[k] for k in keys]
     assert "mid_epoch" not in torch.load(state, weights_only=True)
+
+
+class Never:
+    signal_name = None
+    requested = False
+
+
+def _ddp_worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a rank left waiting in a collective (the other one stopped alone) fails the test after 30 s, not hangs it
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    try:
+        xf, yf = separable(600, 0)
+        xv, yv = separable(200, 1)
+        cfg = LinearConfig(mode="cached", epochs=3, batch_size=64, lr=0.5)  # 10 batches of 32 per rank an epoch
+        straight = train_sgd(TensorSource(xf, yf, xv, yv, 64, 0), 8, 4, cfg, CPU, show_batches=False)
+        state = Path(folder) / STATE_NAME
+        source = CountingSource(xf, yf, xv, yv, 64, 0)
+        stop = StopAfter(source, 14) if rank == 1 else Never()  # only rank 1 is signalled
+        try:
+            train_sgd(source, 8, 4, cfg, CPU, state, show_batches=False, stop=stop)
+            stopped_at = -1
+        except StoppedBySignal:
+            stopped_at = source.drawn
+        resumed = train_sgd(TensorSource(xf, yf, xv, yv, 64, 0), 8, 4, cfg, CPU, state, resume=True,
+                            show_batches=False)
+        torch.save({"stopped_at": stopped_at, "same_fc": torch.equal(resumed["fc"].weight, straight["fc"].weight),
+                    "same_history": [h["train_loss"] for h in resumed["history"]]
+                    == [h["train_loss"] for h in straight["history"]]}, Path(folder) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_stop_at_one_step_when_one_is_signalled_and_resume_exactly(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["stopped_at"] for r in ranks] == [14, 14]  # rank 0 was not signalled and stopped with rank 1
+    assert all(r["same_fc"] and r["same_history"] for r in ranks)
 
 
 def _linear(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
