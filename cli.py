@@ -174,7 +174,8 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
               help="Epochs where lr drops x0.1, e.g. 60,80; default 60% and 80% of --epochs.")
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUTPUT/linear_checkpoint.pth.tar.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/linear_checkpoint.pth.tar (mid-epoch after "
+              "SIGTERM/SIGUSR1, which save it and exit 75).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
 @click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")

@@ -107,6 +107,7 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_one_step_when_one_is_signalled_and_resume_exactly(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
