@@ -124,7 +124,7 @@ def checkpoint_cost(repeats: int) -> None:
         size = os.path.getsize(path) / 2**20
     default = PretrainConfig().checkpoint_every_min
     fractions = ", ".join(f"every {m:g} min {100 * seconds / (m * 60):.2f}%" for m in (5, 10, default))
-    print(f"  MoCo v2 resnet50 checkpoint, {size:.0f} MB: {seconds:.2f} s per save (median of {repeats}, with fsync) "
+    print(f"  MoCo v2 resnet50 checkpoint, {size:.0f} MiB: {seconds:.2f} s per save (median of {repeats}, with fsync) "
           f"->  {fractions} of training time  (target < 1% at the default {default:g} min)")
 
 
