@@ -46,6 +46,14 @@ RATIO_OPTS = ["SOLVER.IMS_PER_BATCH", str(IMS), "SOLVER.MAX_ITER", str(ITERATION
 PROBES: dict[bool, MemoryPlan] = {}  # amp -> the probe's plan of the ratio test's setting
 
 
+@pytest.fixture(autouse=True)
+def _release_this_process_cache():
+    """The probe and trial processes read the GPU's free memory: blocks cached by this pytest process (other
+    `cuda` tests) would count as used."""
+    torch.cuda.empty_cache()
+    yield
+
+
 @pytest.fixture(scope="module")
 def big_voc(tmp_path_factory):
     """A VOC-layout set whose images are 1333 x 800: every training size up to the largest input occurs."""
@@ -120,8 +128,9 @@ def test_a_capped_gpu_refuses_the_trial_and_names_what_fits(big_voc, moco_checkp
         _, shape = _trial_config(big_voc, folder, RATIO_OPTS, False)
         PROBES[False] = _probe(folder / "config.yaml", big_voc, shape)[0]
     need4 = int(PROBES[False].details[0]["need"])
-    total = torch.cuda.mem_get_info(0)[1]
+    free, total = torch.cuda.mem_get_info(0)
     fraction = min(1.0, (1.35 * need4 + HEADROOM_FRACTION * total) / total)
+    assert fraction * total <= free, f"only {free / GIB:.1f} GiB free: the cap would not be what limits the probe"
     monkeypatch.setenv(MEMORY_FRACTION_ENV, f"{fraction:.4f}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _device())
     out = tmp_path / "run"
