@@ -3,7 +3,9 @@
 Entry points: `run_trial` (through detectron2's `launch`, in the `moco eval voc` process or spawned per GPU) and
 `python -m moco_transfer.eval.voc_train CONFIG VOC_ROOT SEED --gpus N` (one trial as a subprocess, used by
 `--parallel-trials`). Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that
-runs out of GPU memory writes oom_rank<r>.json, from which the parent builds its message.
+runs out of GPU memory writes oom_rank<r>.json, from which the parent builds its message. SIGTERM or SIGUSR1
+ends training after the iteration in progress (every rank at the same one) with a detectron2 checkpoint that
+`last_checkpoint` names, so running the trial again resumes from the next iteration; exit code 75.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import gc
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,12 @@ import torch
 
 from moco_transfer.detectron2_ext import register
 from moco_transfer.fileio import write_json_atomic
+from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest
 
 from .voc_layout import VOC_SPLITS, our_name, voc_names
 from .voc_memory import allocation_failure, apply_memory_fraction, is_out_of_memory
 from .voc_schedule import DIST_URL_ENV
-from .voc_trials import OOM_GLOB, PROGRESS_FILE, write_metrics
+from .voc_trials import OOM_GLOB, PROGRESS_FILE, STOPPED_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
 TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)
@@ -40,6 +45,41 @@ TIMED_ITERS = 20
 
 class TrialOutOfMemory(RuntimeError):
     """A trial process ran out of GPU memory; its record is in the trial folder (oom_rank<r>.json)."""
+
+
+_ACTIVE_STOP: StopRequest | None = None
+
+
+@contextmanager
+def stop_request() -> Iterator[StopRequest]:
+    """This process's stop request: the one already active (the runner's, or main()'s), else a new one.
+
+    Shared rather than nested, so a signal that arrived before the trial built its trainer (or between two
+    in-process trials) still counts: a nested request would take over the handlers and never see it.
+    """
+    global _ACTIVE_STOP
+    if _ACTIVE_STOP is not None:
+        yield _ACTIVE_STOP
+        return
+    with StopRequest() as stop:
+        _ACTIVE_STOP = stop
+        try:
+            yield stop
+        finally:
+            _ACTIVE_STOP = None
+
+
+def agree_to_stop(requested: bool) -> bool:
+    """True on every rank when any rank received a signal (one 4-byte all-reduce; no-op in one process)."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if comm.get_world_size() == 1:
+        return requested
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def register_voc(voc_root: str | os.PathLike, names: Sequence[str]) -> list[str]:
@@ -91,8 +131,8 @@ def start_memory_stats() -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
-def trainer_class() -> type:
-    """The detectron2 trainer of a VOC trial (built lazily: detectron2 is optional)."""
+def trainer_class(stop: StopRequest | None = None) -> type:
+    """The detectron2 trainer of a VOC trial (built lazily: detectron2 is optional); `stop` adds the StopHook."""
     from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
     from detectron2.evaluation import PascalVOCDetectionEvaluator
     from detectron2.utils import comm
@@ -131,7 +171,35 @@ def trainer_class() -> type:
                                "ims_per_gpu": ims_per_gpu(self.cfg, world), "peak_memory_bytes": _peak_reserved(),
                                "time": time.time()}, self.path)
 
+    class StopHook(HookBase):
+        """Every rank: after each iteration but the last, stop on a signal with a checkpoint resume continues from.
+
+        The ranks agree every iteration with one 4-byte all-reduce: an iteration already all-reduces ResNet-50
+        C4's gradients (about 33M values) and gathers the metrics with a device sync, so a flag costs microseconds
+        next to it, and a stop lands within one iteration. The last iteration is left to finish: only the
+        evaluation (already run by EvalHook then) would remain, and the trial ends normally.
+        """
+
+        def __init__(self, stop: StopRequest) -> None:
+            self.stop = stop
+
+        def after_step(self) -> None:
+            it = self.trainer.iter
+            if it + 1 >= self.trainer.max_iter or not agree_to_stop(self.stop.requested):
+                return
+            name = f"model_{it:07d}"
+            self.trainer.checkpointer.save(name, iteration=it)  # rank 0 writes; last_checkpoint names it
+            folder = Path(self.trainer.cfg.OUTPUT_DIR)
+            why = self.stop.signal_name or "a signal on another rank"
+            if comm.is_main_process():
+                write_json_atomic({"iteration": it + 1, "max_iter": self.trainer.max_iter, "signal": why,
+                                   "checkpoint": f"{name}.pth", "time": time.time()}, folder / STOPPED_FILE)
+            comm.synchronize()  # no rank leaves (and ends the process group) before the checkpoint is written
+            raise StoppedBySignal(f"stopped by {why} after iteration {it + 1} of {self.trainer.max_iter}; "
+                                  f"checkpoint {folder / name}.pth")
+
     class VocTrainer(DefaultTrainer):
+
         @classmethod
         def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
             return PascalVOCDetectionEvaluator(dataset_name)
@@ -149,6 +217,8 @@ def trainer_class() -> type:
             hooks = super().build_hooks()
             if comm.is_main_process():
                 hooks.insert(0, ProgressHook(Path(self.cfg.OUTPUT_DIR), self.cfg))
+            if stop is not None:
+                hooks.append(StopHook(stop))  # last: after the periodic checkpoint and the writers
             return hooks
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -166,11 +236,12 @@ def trainer_class() -> type:
 
 
 class _HideOomTraceback(logging.Filter):
-    """Keeps detectron2's 'Exception during training' traceback of an OOM off the console (log.txt keeps it)."""
+    """Keeps detectron2's 'Exception during training' traceback of an OOM or a stop off the console (log.txt
+    keeps it): both end in a message of their own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or not is_out_of_memory(exc)
+        return exc is None or not (is_out_of_memory(exc) or isinstance(exc, StoppedBySignal))
 
 
 def _update_segments(folder: Path, start_iter: int, cfg: Any, world: int) -> list[dict[str, Any]]:
@@ -210,7 +281,8 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
     """Train and evaluate one trial from its saved config; rank 0 writes metrics.json. Entry point of `launch`.
 
     An out-of-memory error is recorded in oom_rank<r>.json, the memory released, and TrialOutOfMemory raised:
-    the trial keeps its last periodic checkpoint, so a re-run with a setting that fits can resume it.
+    the trial keeps its last periodic checkpoint, so a re-run with a setting that fits can resume it. A stop
+    signal raises StoppedBySignal after the StopHook's checkpoint.
     """
     from detectron2.config import get_cfg
     from detectron2.utils import comm
@@ -236,11 +308,15 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
         logger.addHandler(handler)
     oom: dict[str, Any] | None = None
     trainer = None
+    stack = ExitStack()  # the stop request, released with the rest below
     try:
+        stop = stack.enter_context(stop_request())
+        if rank == 0:
+            (folder / STOPPED_FILE).unlink(missing_ok=True)
         seed_all_rng(seed + rank)
         start_memory_stats()
         try:
-            trainer = trainer_class()(cfg)
+            trainer = trainer_class(stop)(cfg)
             trainer.resume_or_load(resume=True)
             start_iter = trainer.start_iter
             segments = _update_segments(folder, start_iter, cfg, world) if rank == 0 else []
@@ -261,6 +337,7 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
                               segments=segments)
             comm.synchronize()
     finally:
+        stack.close()
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
@@ -275,7 +352,8 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """One trial in this process (and its GPU group): exit 0 when done, 3 when out of GPU memory, 1 otherwise."""
+    """One trial in this process (and its GPU group): exit 0 when done, 3 when out of GPU memory, 75 when stopped
+    by a signal (checkpoint saved), 1 otherwise."""
     from detectron2.engine import launch
 
     ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.voc_train", description=main.__doc__)
@@ -289,17 +367,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(trial_output_dir(args.config))
     print(f"voc_train: {folder} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}, "
           f"{args.gpus} GPU(s), rendezvous {args.dist_url}, pid {os.getpid()}", flush=True)
+    (folder / STOPPED_FILE).unlink(missing_ok=True)
+    # in this process: the trial's request, installed now; spawned ranks: each has its own, this one passes it on
+    stopping = stop_request() if args.gpus <= 1 else _ForwardingStop()
     try:
-        launch(run_trial, max(1, args.gpus), dist_url=args.dist_url, args=(args.config, args.voc_root, args.seed))
+        with stopping:
+            launch(run_trial, max(1, args.gpus), dist_url=args.dist_url,
+                   args=(args.config, args.voc_root, args.seed))
     except TrialOutOfMemory as exc:
         print(f"out of GPU memory: {exc}", file=sys.stderr)
         return EXIT_OOM
+    except StoppedBySignal as exc:
+        print(f"voc_train: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception:
         if any(folder.glob(OOM_GLOB)):  # a spawned rank ran out of memory
             print(f"out of GPU memory; see {folder}/oom_rank*.json", file=sys.stderr)
             return EXIT_OOM
+        if (folder / STOPPED_FILE).is_file():  # the spawned ranks stopped on a signal after the checkpoint
+            print(f"voc_train: stopped on a signal; see {folder / STOPPED_FILE}", file=sys.stderr)
+            return EXIT_STOPPED
         raise
     return 0
+
+
+class _ForwardingStop(StopRequest):
+    """The launcher of spawned ranks records a signal and passes it on to them: a user's `kill` of this process
+    (or the parent's forwarded SIGTERM) reaches no rank otherwise. A rank that also got it directly (Slurm signals
+    every process) records it once."""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        super()._handle(signum, frame)
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except (ProcessLookupError, TypeError):
+                pass
 
 
 def trial_output_dir(cfg_file: str) -> str:

@@ -37,6 +37,7 @@ from .voc_schedule import Projection
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
 OOM_GLOB = "oom_rank*.json"
+STOPPED_FILE = "stopped.json"  # a trial's record of its stop on a signal: iteration, signal, checkpoint
 RUN_FILE = "run.json"
 RUN_VERSION = 2
 SUMMARY_JSON = "summary.json"
@@ -315,9 +316,9 @@ def read_oom(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def clear_trial_records(folder: str | os.PathLike) -> None:
-    """Remove a trial's progress and out-of-memory records before it (re)starts (parent, trial not running)."""
+    """Remove a trial's progress, out-of-memory and stop records before it (re)starts (parent, trial not running)."""
     folder = Path(folder)
-    for path in [folder / PROGRESS_FILE, *folder.glob(OOM_GLOB)]:
+    for path in [folder / PROGRESS_FILE, folder / STOPPED_FILE, *folder.glob(OOM_GLOB)]:
         path.unlink(missing_ok=True)
 
 
