@@ -7,8 +7,10 @@ probe iterations at the largest input (`voc_probe`, decided by `voc_memory`). Ea
 with seed base+k, through detectron2's `launch` (one process per GPU, or in this process on CPU / one GPU), one
 after another or, with --parallel-trials, several at once as subprocesses on their own GPU groups
 (`voc_schedule`). A finished trial (metrics.json present) is skipped; an interrupted one resumes from its last
-checkpoint. Bookkeeping lives in `voc_trials`, the trial process in `voc_train`, the VOC layout in `voc_layout`,
-the GPU rule in `gpu_scaling`.
+checkpoint. SIGTERM or SIGUSR1 stops the run: running trials save a detectron2 checkpoint (a signal that reaches
+only this process is passed on to them), no further trial starts, and the command exits 75 (VocStopped); the
+same command then resumes. Bookkeeping lives in `voc_trials`, the trial process in `voc_train`, the VOC layout
+in `voc_layout`, the GPU rule in `gpu_scaling`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from moco_transfer.convert import convert, read_detectron2_weights
 from moco_transfer.detection_configs import VOC_24K, resolve_config
 from moco_transfer.detectron2_ext import Detectron2Missing, register, require_detectron2
 from moco_transfer.fileio import describe_key_mismatch, sha256_file
+from moco_transfer.signals import StoppedBySignal, StopRequest
 
 from .gpu_scaling import Change, scale_to_gpus
 from .voc_layout import VocLayoutError, check_voc_root, our_name
@@ -45,11 +48,14 @@ from .voc_schedule import (
     last_checkpoint_iteration,
     remaining_iterations,
     run_pool,
+    trial_stopped,
     visible_devices,
+    wait_forwarding,
 )
-from .voc_train import EXIT_OOM, TrialOutOfMemory, register_voc, run_trial
+from .voc_train import EXIT_OOM, TrialOutOfMemory, register_voc, run_trial, stop_request
 from .voc_trials import (
     RUN_VERSION,
+    STOPPED_FILE,
     Monitor,
     RunBook,
     RunMismatch,
@@ -68,7 +74,8 @@ from .voc_trials import (
     update_run,
 )
 
-__all__ = ["REPORTED_ERRORS", "SETUP_ERRORS", "VocOptions", "preflight", "register_voc", "run_trial", "run_voc"]
+__all__ = ["REPORTED_ERRORS", "SETUP_ERRORS", "VocOptions", "VocStopped", "preflight", "register_voc", "run_trial",
+           "run_voc"]
 
 CONVERTED_NAME = "backbone_d2.pkl"
 IGNORED_WEIGHT_PREFIXES = ("stem.fc.",)  # the MoCo authors' converter leaves the projection head in as stem.fc.*
@@ -84,6 +91,28 @@ class VocOutOfMemory(RuntimeError):
 
 class TrialFailed(RuntimeError):
     """A trial's process ended with an error other than out-of-memory; the message points at its log."""
+
+
+class VocStopped(StoppedBySignal):
+    """The run stopped on a signal (exit code 75); stopped trials kept a checkpoint, the same command resumes."""
+
+
+def stopped_error(options: VocOptions, stopped: Sequence[int], stop: StopRequest) -> VocStopped:
+    """The message for a stopped run: each stopped trial, its signal and iteration, from its stopped.json."""
+    parts = []
+    for k in stopped:
+        folder = trial_dir(options.output, k)
+        try:
+            rec = json.loads((folder / STOPPED_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            rec = {}
+        why = rec.get("signal") or stop.signal_name or "a signal"
+        where = (f"after iteration {rec['iteration']} of {rec['max_iter']} (checkpoint {folder / rec['checkpoint']})"
+                 if "checkpoint" in rec else f"(resumes from {folder}'s last checkpoint, if any)")
+        parts.append(f"trial {k + 1}/{options.trials} (seed {trial_seed(options.seed, k)}) stopped by {why} {where}")
+    if not parts:
+        parts.append(f"stopped by {stop.signal_name or 'a signal'} between trials")
+    return VocStopped("; ".join(parts) + ". No further trial started; run the same command again to resume.")
 
 
 # Everything `moco eval voc` reports as a plain error message before training starts.
@@ -479,11 +508,11 @@ def run_voc(options: VocOptions, echo: Callable[[str], None] = print) -> dict[st
         what = f"group(s) of {options.gpus_per_trial} GPU(s)" if options.gpus_per_trial else "CPU slot(s)"
         echo(f"note: --parallel-trials {len(prep.groups)} but {len(todo)} trial(s) to run: "
              f"{len(prep.groups) - len(todo)} {what} stay idle")
-    with Monitor(book):
+    with stop_request() as stop, Monitor(book):
         if len(prep.groups) == 1:
-            _run_sequential(todo, prep, options, book, echo)
+            _run_sequential(todo, prep, options, book, echo, stop)
         else:
-            _run_parallel(todo, prep, options, book, echo)
+            _run_parallel(todo, prep, options, book, echo, stop)
     return book.summarize()
 
 
@@ -499,20 +528,25 @@ def trial_argv(folder: Path, voc_root: Path, seed: int, gpus: int) -> list[str]:
 
 
 def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
-                    book: RunBook, echo: Callable[[str], None]) -> None:
+                    book: RunBook, echo: Callable[[str], None], stop: StopRequest) -> None:
     """One trial after another. On GPUs each runs in a subprocess (output to this terminal), so that this process
     never holds a CUDA context or cache that a later trial or the re-probe after an OOM would have to share; on
-    the CPU in this process, through detectron2's `launch`."""
+    the CPU in this process, through detectron2's `launch` (sharing `stop`). A stopped trial ends the run."""
     ports = PortBook()
     for k, seed, folder, state in todo:
+        if stop.requested:  # e.g. during the previous trial's evaluation, which then finished
+            raise stopped_error(options, [], stop)
         echo(_action(k, seed, state, folder, options.trials))
         book.started(k)
         if options.gpus_per_trial > 0:
             url = ports.take(k) if options.dist_url == "auto" else options.dist_url
             env = {**child_env(os.environ, prep.groups[0], 1), DIST_URL_ENV: url}
             argv = trial_argv(folder, options.voc_root, seed, options.gpus_per_trial)
-            code = subprocess.run(argv, env=env).returncode
+            code = wait_forwarding(subprocess.Popen(argv, env=env), stop)
             ports.release(k)
+            if trial_stopped(code, stop):
+                book.finished(k)
+                raise stopped_error(options, [k], stop)
             if code == EXIT_OOM or read_oom(folder) is not None:
                 book.finished(k)
                 raise out_of_memory_error(prep, options, k, echo)
@@ -525,6 +559,9 @@ def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Pre
             try:
                 launch(run_trial, 1, dist_url=options.dist_url,
                        args=(str(folder / "config.yaml"), str(options.voc_root), seed))
+            except StoppedBySignal:
+                book.finished(k)
+                raise stopped_error(options, [k], stop) from None
             except Exception as exc:
                 if isinstance(exc, TrialOutOfMemory) or read_oom(folder) is not None:
                     book.finished(k)
@@ -535,8 +572,9 @@ def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Pre
 
 
 def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
-                  book: RunBook, echo: Callable[[str], None]) -> None:
-    """Each trial a `voc_train` subprocess on its GPU group; output in trial_<k>/console.log."""
+                  book: RunBook, echo: Callable[[str], None], stop: StopRequest) -> None:
+    """Each trial a `voc_train` subprocess on its GPU group; output in trial_<k>/console.log. A stopped trial, or a
+    signal here (passed on to the running trials), ends the run once the running trials have saved."""
     from moco_transfer.progress import progress
 
     by_key = {k: (seed, folder, state) for k, seed, folder, state in todo}
@@ -545,6 +583,7 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
             for k, seed, folder, _ in todo]
     ports = PortBook()
     failures: list[tuple[int, int]] = []
+    stopped: list[int] = []
     bar = progress(total=sum(left.values()), unit="it", desc=f"{len(todo)} VOC trials, {len(prep.groups)} at a time")
 
     def on_start(job: PoolJob, group: Sequence[str]) -> dict[str, str]:
@@ -559,6 +598,11 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
         m = book.finished(job.key)
         if code == 0 and m is not None:
             return True
+        if trial_stopped(code, stop):
+            stopped.append(job.key)
+            echo(f"trial {job.key + 1}/{options.trials}: stopped on a signal after its checkpoint; no new trial "
+                 "starts, running ones stop too")
+            return False
         failures.append((job.key, code))
         echo(f"trial {job.key + 1}/{options.trials}: its process ended with exit code {code}; no new trial starts, "
              "running ones finish")
@@ -577,7 +621,7 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
 
     try:
         run_pool(jobs, prep.groups, lambda group: child_env(os.environ, group, len(prep.groups)), on_start, on_exit,
-                 on_tick)
+                 on_tick, stop=stop)
     finally:
         bar.close()
     for k, code in failures:
@@ -588,3 +632,5 @@ def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepa
         log = trial_dir(options.output, k) / "console.log"
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:]) if log.is_file() else ""
         raise TrialFailed(f"trial {k} failed (exit code {code}); last lines of {log}:\n{tail}")
+    if stopped or (stop.requested and any(read_metrics(folder) is None for _, _, folder, _ in todo)):
+        raise stopped_error(options, sorted(stopped), stop)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -18,6 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from moco_transfer.signals import EXIT_STOPPED, StopRequest
+
+STOP_DEATHS = (-signal.SIGTERM, -signal.SIGUSR1)  # return codes of a trial the signal ended before its handler
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pth")
 # How a trial process (`voc_train`) gets its rendezvous address from the parent that chose it.
 DIST_URL_ENV = "MOCO_VOC_DIST_URL"
@@ -171,6 +175,28 @@ class PortBook:
         self.held.pop(key, None)
 
 
+def trial_stopped(code: int, stop: StopRequest | None) -> bool:
+    """A trial process ended by a stop signal: exit 75 after its checkpoint, or, when this process was asked to
+    stop too, killed by the signal before it installed its handler (nothing new to save then)."""
+    return code == EXIT_STOPPED or (stop is not None and stop.requested and code in STOP_DEATHS)
+
+
+def wait_forwarding(proc: subprocess.Popen, stop: StopRequest, poll_s: float = 0.2) -> int:
+    """Wait for a trial process; once this process is asked to stop, send it SIGTERM (once) and keep waiting.
+
+    A user's `kill` reaches only this process; the trial needs the signal to save its checkpoint, and the time to
+    write it, so there is no timeout here.
+    """
+    forwarded = False
+    while True:
+        try:
+            return proc.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            if stop.requested and not forwarded:
+                proc.send_signal(signal.SIGTERM)
+                forwarded = True
+
+
 @dataclass
 class PoolJob:
     key: int  # trial index
@@ -181,21 +207,30 @@ class PoolJob:
 def run_pool(jobs: Sequence[PoolJob], groups: Sequence[Sequence[str]], env_for: Callable[[Sequence[str]], dict],
              on_start: Callable[[PoolJob, Sequence[str]], dict[str, str] | None],
              on_exit: Callable[[PoolJob, int], bool], on_tick: Callable[[], None] = lambda: None,
-             tick_s: float = 2.0) -> dict[int, int]:
+             tick_s: float = 2.0, stop: StopRequest | None = None) -> dict[int, int]:
     """Run `jobs` in order, each as a subprocess on the first free group, at most one job per group at a time.
 
     `on_start(job, group)` may return environment variables for that job's process (its rendezvous address).
     `on_exit(job, returncode)` returns False to stop starting new jobs (those running still finish); `on_tick`
     runs every `tick_s` seconds while jobs run. On any exception (Ctrl-C included) the running subprocesses are
-    terminated, then killed if they do not stop within 30 s. Returns the return code of every job that ran.
+    terminated, then killed if they do not stop within 30 s. Once `stop` is requested no job starts, each running
+    one gets SIGTERM once (to save its checkpoint and exit 75) and is waited for without a time limit. Returns the
+    return code of every job that ran.
     """
     queue = list(jobs)
     free = list(range(len(groups)))
     running: dict[int, tuple[PoolJob, subprocess.Popen, TextIO]] = {}
     codes: dict[int, int] = {}
     go_on = True
+    forwarded: set[int] = set()  # pids sent SIGTERM on the stop request
     try:
         while running or (queue and go_on):
+            if stop is not None and stop.requested:
+                go_on = False
+                for _, proc, _ in running.values():
+                    if proc.pid not in forwarded:
+                        proc.send_signal(signal.SIGTERM)
+                        forwarded.add(proc.pid)
             while queue and free and go_on:
                 job, slot = queue.pop(0), free.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +240,9 @@ def run_pool(jobs: Sequence[PoolJob], groups: Sequence[Sequence[str]], env_for: 
                                         env={**env_for(groups[slot]), **extra})
                 running[slot] = (job, proc, log)
             deadline = time.monotonic() + tick_s
-            while running and time.monotonic() < deadline and all(p.poll() is None for _, p, _ in running.values()):
+            while (running and time.monotonic() < deadline and all(p.poll() is None for _, p, _ in running.values())
+                   and not (stop is not None and stop.requested
+                            and any(p.pid not in forwarded for _, p, _ in running.values()))):
                 time.sleep(0.1)
             for slot in [s for s, (_, p, _) in running.items() if p.poll() is not None]:
                 job, proc, log = running.pop(slot)
