@@ -301,6 +301,7 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
     from pathlib import Path
 
     from moco_transfer.eval.voc import REPORTED_ERRORS, VocOptions, run_voc
+    from moco_transfer.signals import StoppedBySignal
 
     if opts and opts[0] != "--opts":
         raise click.UsageError(f"unexpected arguments {' '.join(opts)}; detectron2 overrides go after --opts")
@@ -318,6 +319,9 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
         summary = run_voc(options, echo=click.echo)
     except REPORTED_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
+    except StoppedBySignal as exc:  # trials saved their checkpoints; exit code 75 tells a job script to requeue
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     mean, std = summary["mean"], summary["std"]
     click.echo(f"{summary['trials_finished']} trials: " + ", ".join(
         f"{k} {mean[k]:.2f}" + (f" +- {std[k]:.2f}" if std[k] is not None else "")
