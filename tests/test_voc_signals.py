@@ -1,0 +1,199 @@
+"""`moco eval voc` on SIGTERM/SIGUSR1: trials save a detectron2 checkpoint, the run exits 75, the same command resumes.
+
+The runner's handling of exit code 75 and the forwarding of a signal to trial processes run without detectron2,
+with stand-in trial processes; the end-to-end test (a real `moco eval voc` process on the synthetic VOC tree,
+SIGTERM while it trains, then the same command again) needs detectron2 and skips without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from moco_transfer.eval import voc
+from moco_transfer.eval.voc_schedule import PoolJob, run_pool, trial_stopped, wait_forwarding
+from moco_transfer.eval.voc_trials import STOPPED_FILE
+from moco_transfer.signals import EXIT_STOPPED, StopRequest
+
+from .voc_synthetic import TINY, single_torch_thread, write_moco_checkpoint, write_voc  # noqa: F401
+
+# A stand-in trial: marks itself ready, then on SIGTERM writes stopped.json as voc_train does and exits 75.
+STAND_IN = '''
+import json, pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+folder.mkdir(parents=True, exist_ok=True)
+def stop(signum, frame):
+    (folder / "stopped.json").write_text(json.dumps({"iteration": 7, "max_iter": 30, "signal": "SIGTERM",
+                                                     "checkpoint": "model_0000006.pth"}))
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+(folder / "ready").write_text("")
+time.sleep(60)
+'''
+
+
+def _signal_self_when(paths: list[Path], sig: int = signal.SIGTERM) -> threading.Thread:
+    """Send `sig` to this process (a user's kill of the runner) once every path exists."""
+    def wait() -> None:
+        deadline = time.monotonic() + 60
+        while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    return t
+
+
+def test_pool_forwards_the_stop_and_starts_no_further_trial(tmp_path):
+    jobs = [PoolJob(k, [sys.executable, "-c", STAND_IN, str(tmp_path / f"t{k}")], tmp_path / f"t{k}.log")
+            for k in range(3)]
+    started, exits = [], []
+
+    def on_exit(job, code):
+        exits.append((job.key, code))
+        return code == 0
+
+    with StopRequest() as stop:
+        t = _signal_self_when([tmp_path / "t0" / "ready", tmp_path / "t1" / "ready"])
+        codes = run_pool(jobs, [[], []], lambda group: dict(os.environ),
+                         lambda job, group: started.append(job.key), on_exit, tick_s=0.2, stop=stop)
+        t.join()
+    assert stop.signal_name == "SIGTERM"
+    assert codes == {0: EXIT_STOPPED, 1: EXIT_STOPPED} and sorted(exits) == [(0, 75), (1, 75)]
+    assert started == [0, 1] and not (tmp_path / "t2").exists()  # the third trial never started
+    assert all((tmp_path / f"t{k}" / "stopped.json").is_file() for k in (0, 1))
+
+
+def test_wait_forwarding_and_what_counts_as_stopped(tmp_path):
+    with StopRequest() as stop:
+        proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(tmp_path / "t")])
+        t = _signal_self_when([tmp_path / "t" / "ready"], signal.SIGUSR1)
+        assert wait_forwarding(proc, stop, poll_s=0.05) == EXIT_STOPPED
+        t.join()
+    assert stop.signal_name == "SIGUSR1"
+    assert trial_stopped(EXIT_STOPPED, None)
+    assert trial_stopped(-signal.SIGTERM, stop)  # killed before its handler, while this run was stopping
+    assert not trial_stopped(-signal.SIGTERM, StopRequest())  # killed by someone else: a failure
+    assert not trial_stopped(1, stop) and not trial_stopped(0, None)
+
+
+class _Book:
+    def __init__(self) -> None:
+        self.started_keys: list[int] = []
+
+    def started(self, k: int) -> None:
+        self.started_keys.append(k)
+
+    def finished(self, k: int) -> None:
+        return None
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_runner_stops_on_a_trial_that_exits_75(tmp_path, monkeypatch, parallel):
+    """Sequential (GPU path: subprocess per trial) and parallel: a signal to the runner reaches the trials, they
+    exit 75, no further trial starts and the error names the stopped trials and says how to resume."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(voc, "trial_argv", lambda folder, root, seed, gpus: [sys.executable, "-c", STAND_IN,
+                                                                              str(folder)])
+    options = voc.VocOptions(checkpoint=tmp_path / "c.pth", voc_root=tmp_path, output=out, trials=3,
+                             gpus=parallel, parallel_trials=parallel)
+    todo = [(k, k, out / f"trial_{k}", voc.TrialState.NEW) for k in range(3)]
+    prep = SimpleNamespace(groups=[[str(i)] for i in range(parallel)])
+    book = _Book()
+    book.plan = [(k, 30) for k in range(3)]
+    run = voc._run_sequential if parallel == 1 else voc._run_parallel
+    with StopRequest() as stop:
+        t = _signal_self_when([out / f"trial_{k}" / "ready" for k in range(parallel)])
+        with pytest.raises(voc.VocStopped) as err:
+            run(todo, prep, options, book, lambda line: None, stop)
+        t.join()
+    assert err.value.exit_code == EXIT_STOPPED
+    msg = str(err.value)
+    for k in range(parallel):
+        assert (f"trial {k + 1}/3 (seed {k}) stopped by SIGTERM after iteration 7 of 30 (checkpoint "
+                f"{out / f'trial_{k}' / 'model_0000006.pth'})") in msg
+    assert msg.endswith("run the same command again to resume.")
+    assert book.started_keys == list(range(parallel)) and not (out / "trial_2").exists()
+
+
+def test_cli_exits_75_with_the_message(tmp_path, monkeypatch):
+    def stopped(options, echo):
+        raise voc.VocStopped("trial 1/5 (seed 0) stopped by SIGTERM; run the same command again to resume.")
+
+    monkeypatch.setattr(voc, "run_voc", stopped)
+    from moco_transfer.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "voc", str(tmp_path / "c.pth"), "--voc-root", str(tmp_path)])
+    assert res.exit_code == EXIT_STOPPED
+    assert "stopped by SIGTERM; run the same command again to resume." in res.output
+
+
+# --- end to end with detectron2 ---------------------------------------------------------------------------------
+
+# 10 iterations (about 1.5 s each here) and no periodic checkpoint: the only one is the stop's
+LONGER = [*TINY, "SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(8,)", "SOLVER.CHECKPOINT_PERIOD", "1000"]
+
+
+def _moco_eval_voc(args: list[str], log: Path, on_start=None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moco_transfer.cli", "eval", "voc", *args], stdout=f,
+                                stderr=subprocess.STDOUT, env=env)
+        if on_start is not None:
+            on_start(proc)
+        return proc.wait(timeout=900)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(moco_checkpoint, voc_root, tmp_path):
+    pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
+    out = tmp_path / "run"
+    trial = out / "trial_0"
+    args = [str(moco_checkpoint), "--voc-root", str(voc_root), "--output", str(out), "--trials", "2", "--gpus", "0",
+            "--opts", *LONGER]
+
+    def kill_while_training(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 600
+        while not (trial / "segments.json").exists():  # written just before the first iteration
+            assert proc.poll() is None and time.monotonic() < deadline, (out / "log1").read_text()
+            time.sleep(0.1)
+        time.sleep(2)  # an iteration or two; the stop lands after the one in progress
+        proc.send_signal(signal.SIGTERM)
+
+    code = _moco_eval_voc(args, tmp_path / "log1", kill_while_training)
+    text = (tmp_path / "log1").read_text()
+    assert code == EXIT_STOPPED, text
+    stopped = json.loads((trial / STOPPED_FILE).read_text())
+    done = stopped["iteration"]  # iterations finished; the checkpoint holds detectron2's index done - 1
+    assert 1 <= done < 10 and stopped["signal"] == "SIGTERM"
+    name = f"model_{done - 1:07d}.pth"
+    assert (trial / "last_checkpoint").read_text().strip() == name and (trial / name).is_file()
+    import torch
+
+    assert torch.load(trial / name, map_location="cpu", weights_only=False)["iteration"] == done - 1
+    assert f"trial 1/2 (seed 0) stopped by SIGTERM after iteration {done} of 10 (checkpoint {trial / name})" in text
+    assert "run the same command again to resume" in text and "Traceback" not in text
+    assert not (trial / "metrics.json").exists()
+    assert not (out / "trial_1" / "segments.json").exists()  # trial 2 never started (its folder is prepared)
+    assert json.loads((out / "summary.json").read_text())["trials_finished"] == 0
+
+    code = _moco_eval_voc(args, tmp_path / "log2")  # the same command
+    text = (tmp_path / "log2").read_text()
+    assert code == 0, text
+    assert "trial 1/2 (seed 0): resuming from its last checkpoint" in text
+    assert json.loads((out / "summary.json").read_text())["trials_finished"] == 2
+    metrics = json.loads((trial / "metrics.json").read_text())
+    assert metrics["start_iter"] == done and (trial / "model_final.pth").is_file()
+    assert [s["start_iter"] for s in json.loads((trial / "segments.json").read_text())] == [0, done]
+    assert f"Starting training from iteration {done}" in (trial / "log.txt").read_text()
+    assert not (trial / STOPPED_FILE).exists()
