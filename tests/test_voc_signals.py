@@ -139,6 +139,28 @@ def test_cli_exits_75_with_the_message(tmp_path, monkeypatch):
     assert "stopped by SIGTERM; run the same command again to resume." in res.output
 
 
+def _agree_rank(rank: int, url: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from moco_transfer.eval.voc_train import agree_to_stop
+
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2)
+    votes = [agree_to_stop(rank == 1), agree_to_stop(False), agree_to_stop(True)]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(votes))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_only_one_of_them_received(tmp_path):
+    pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
+    import torch.multiprocessing as mp
+
+    from moco_transfer.eval.voc_schedule import PortBook
+
+    mp.start_processes(_agree_rank, args=(PortBook().take(0), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, False, True]
+
+
 # --- end to end with detectron2 ---------------------------------------------------------------------------------
 
 # 10 iterations (about 1.5 s each here) and no periodic checkpoint: the only one is the stop's
@@ -162,10 +184,10 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(moco_checkpoint
     args = [str(moco_checkpoint), "--voc-root", str(voc_root), "--output", str(out), "--trials", "2", "--gpus", "0",
             "--opts", *LONGER]
 
-    def kill_while_training(proc: subprocess.Popen) -> None:
+    def kill_while_training(proc: subprocess.Popen, folder: Path = trial) -> None:
         deadline = time.monotonic() + 600
-        while not (trial / "segments.json").exists():  # written just before the first iteration
-            assert proc.poll() is None and time.monotonic() < deadline, (out / "log1").read_text()
+        while not (folder / "segments.json").exists():  # written just before the first iteration
+            assert proc.poll() is None and time.monotonic() < deadline, "the trial ended before training"
             time.sleep(0.1)
         time.sleep(2)  # an iteration or two; the stop lands after the one in progress
         proc.send_signal(signal.SIGTERM)
@@ -187,13 +209,27 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(moco_checkpoint
     assert not (out / "trial_1" / "segments.json").exists()  # trial 2 never started (its folder is prepared)
     assert json.loads((out / "summary.json").read_text())["trials_finished"] == 0
 
+    # The trial process of the GPU path (`voc_train`), signalled itself, on the prepared second trial: exit 75.
+    second = out / "trial_1"
+    with open(tmp_path / "log_t1", "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moco_transfer.eval.voc_train", str(second / "config.yaml"),
+                                 str(voc_root), "1", "--gpus", "0"], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        kill_while_training(proc, second)
+        assert proc.wait(timeout=600) == EXIT_STOPPED, (tmp_path / "log_t1").read_text()
+    done1 = json.loads((second / STOPPED_FILE).read_text())["iteration"]
+    assert (second / "last_checkpoint").read_text().strip() == f"model_{done1 - 1:07d}.pth"
+    assert "voc_train: stopped by SIGTERM after iteration" in (tmp_path / "log_t1").read_text()
+
     code = _moco_eval_voc(args, tmp_path / "log2")  # the same command
     text = (tmp_path / "log2").read_text()
     assert code == 0, text
     assert "trial 1/2 (seed 0): resuming from its last checkpoint" in text
+    assert "trial 2/2 (seed 1): resuming from its last checkpoint" in text
     assert json.loads((out / "summary.json").read_text())["trials_finished"] == 2
-    metrics = json.loads((trial / "metrics.json").read_text())
-    assert metrics["start_iter"] == done and (trial / "model_final.pth").is_file()
-    assert [s["start_iter"] for s in json.loads((trial / "segments.json").read_text())] == [0, done]
-    assert f"Starting training from iteration {done}" in (trial / "log.txt").read_text()
-    assert not (trial / STOPPED_FILE).exists()
+    for t, d in ((trial, done), (second, done1)):
+        metrics = json.loads((t / "metrics.json").read_text())
+        assert metrics["start_iter"] == d and (t / "model_final.pth").is_file()
+        assert [s["start_iter"] for s in json.loads((t / "segments.json").read_text())] == [0, d]
+        assert f"Starting training from iteration {d}" in (t / "log.txt").read_text()
+        assert not (t / STOPPED_FILE).exists()
