@@ -174,10 +174,10 @@ def trainer_class(stop: StopRequest | None = None) -> type:
     class StopHook(HookBase):
         """Every rank: after each iteration but the last, stop on a signal with a checkpoint resume continues from.
 
-        The ranks agree every iteration with one 4-byte all-reduce: an iteration already all-reduces ResNet-50
-        C4's gradients (about 33M values) and gathers the metrics with a device sync, so a flag costs microseconds
-        next to it, and a stop lands within one iteration. The last iteration is left to finish: only the
-        evaluation (already run by EvalHook then) would remain, and the trial ends normally.
+        The ranks agree every iteration with one 4-byte all-reduce: an iteration already all-reduces the
+        detector's gradients (tens of millions of values) and gathers its loss figures with a device sync, so a
+        flag costs microseconds next to it, and a stop lands within one iteration. The last iteration is left to
+        finish: only the evaluation (already run by EvalHook then) would remain, and the trial ends normally.
         """
 
         def __init__(self, stop: StopRequest) -> None:
