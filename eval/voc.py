@@ -528,10 +528,11 @@ def trial_argv(folder: Path, voc_root: Path, seed: int, gpus: int) -> list[str]:
 
 
 def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
-                    book: RunBook, echo: Callable[[str], None], stop: StopRequest) -> None:
+                    book: RunBook, echo: Callable[[str], None], stop: StopRequest | None = None) -> None:
     """One trial after another. On GPUs each runs in a subprocess (output to this terminal), so that this process
     never holds a CUDA context or cache that a later trial or the re-probe after an OOM would have to share; on
     the CPU in this process, through detectron2's `launch` (sharing `stop`). A stopped trial ends the run."""
+    stop = stop or StopRequest()  # none given: never requested
     ports = PortBook()
     for k, seed, folder, state in todo:
         if stop.requested:  # e.g. during the previous trial's evaluation, which then finished
@@ -572,9 +573,10 @@ def _run_sequential(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Pre
 
 
 def _run_parallel(todo: Sequence[tuple[int, int, Path, TrialState]], prep: Prepared, options: VocOptions,
-                  book: RunBook, echo: Callable[[str], None], stop: StopRequest) -> None:
+                  book: RunBook, echo: Callable[[str], None], stop: StopRequest | None = None) -> None:
     """Each trial a `voc_train` subprocess on its GPU group; output in trial_<k>/console.log. A stopped trial, or a
     signal here (passed on to the running trials), ends the run once the running trials have saved."""
+    stop = stop or StopRequest()  # none given: never requested
     from moco_transfer.progress import progress
 
     by_key = {k: (seed, folder, state) for k, seed, folder, state in todo}
