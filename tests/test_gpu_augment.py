@@ -588,7 +588,7 @@ def test_no_host_reads_in_the_hot_path(aug_plus: bool, monkeypatch: pytest.Monke
     assert watch.seen == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode")
+@pytest.mark.cuda  # the GPU suite (`pytest -m cuda`); conftest skips it without CUDA
 def test_no_sync_on_cuda() -> None:
     images = [im.cuda() for im in _images()]
     aug = BatchedMocoAugment(64, out_dtype=torch.bfloat16, memory_format=torch.channels_last)
