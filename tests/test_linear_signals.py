@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from moco_transfer.eval.linear import STATE_NAME, LinearConfig, TensorSource, tr
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal
 
 from .eval_helpers import make_checkpoint, make_image_folder
+from .signalled_runs import signal_when
 from .test_linear import separable
 
 CPU = torch.device("cpu")
@@ -125,20 +125,9 @@ def _linear(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def _sigterm_in_epoch_2(command: list[str]) -> subprocess.CompletedProcess:
     """Run `command`; once its progress lines show epoch 2 past its first batch, send SIGTERM; wait for the end."""
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    err = []
-    for line in proc.stderr:
-        err.append(line)
-        if line.startswith("epoch 2/2: ") and not line.startswith("epoch 2/2: 0/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    err.append(proc.stderr.read())
-    proc.wait(timeout=120)
-    reader.join(timeout=10)
-    return subprocess.CompletedProcess(command, proc.returncode, "".join(out), "".join(err))
+    return signal_when(command, ENV, lambda line: line.startswith("epoch 2/2: ") and
+                       not line.startswith("epoch 2/2: 0/"), lambda proc: proc.send_signal(signal.SIGTERM),
+                       timeout=120)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from moco_transfer.checkpoint import atomic_save, load_checkpoint
 from moco_transfer.pretrain.preemption import EXIT_STOPPED, MID_EPOCH_NAME, StopRequest, newest_checkpoint
 
 from .conftest import write_class_folders
+from .signalled_runs import signal_when
 from .test_gpu_pipeline import write_jpeg_folders
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,25 +52,16 @@ def _signal_in_epoch_2(command: list[str], sigs: list[int], workers: bool = Fals
     """Run `command`; once rank 0's progress line shows epoch 2 under way, send `sigs` to it, or to each of its
     worker processes (torchrun's children); wait for the end."""
     preexec = (lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) if workers else None  # noqa: E731
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=preexec)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    err = []
-    for line in proc.stderr:
-        err.append(line)
-        if line.startswith("epoch 2/4: ") and not line.startswith("epoch 2/4: 0/"):
-            targets = ([int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                         text=True).stdout.split()] if workers else [proc.pid])
-            for pid in targets:
-                for sig in sigs:
-                    os.kill(pid, sig)
-            break
-    err.append(proc.stderr.read())
-    proc.wait(timeout=300)
-    reader.join(timeout=10)
-    return subprocess.CompletedProcess(command, proc.returncode, "".join(out), "".join(err))
+
+    def send(proc: subprocess.Popen) -> None:
+        targets = ([int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                     text=True).stdout.split()] if workers else [proc.pid])
+        for pid in targets:
+            for sig in sigs:
+                os.kill(pid, sig)
+
+    return signal_when(command, ENV, lambda line: line.startswith("epoch 2/4: ") and
+                       not line.startswith("epoch 2/4: 0/"), send, preexec_fn=preexec)
 
 
 def _same_run(reference: Path, resumed: Path) -> None:
