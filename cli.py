@@ -343,7 +343,7 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
 def report_cmd(paths: tuple[str, ...], output: str | None, group_by: str, knn_ks: tuple[int, ...],
                decimals: int) -> None:
     """One table of the results found under PATHS (pretraining runs, eval linear/knn/voc), tech-report layout."""
-    from moco_transfer.eval.results_table import ReportError, build_report, write_report
+    from moco_transfer.eval.report import ReportError, build_report, write_report
 
     try:
         report = build_report(paths, group_by, knn_ks or None, decimals)

@@ -24,7 +24,7 @@ from moco_transfer.knn import knn_classification, mean_average_precision, recall
 from moco_transfer.pretrained import load_pretrained_backbone
 
 from .common import backbone_features, pick_device
-from .report import save_gallery
+from .plots import save_gallery
 
 
 @dataclass

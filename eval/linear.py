@@ -39,7 +39,7 @@ from moco_transfer.progress import progress
 from moco_transfer.signals import StoppedBySignal, StopRequest
 
 from .common import backbone_features
-from .report import save_curve
+from .plots import save_curve
 
 MODES = ("faithful", "cached", "lbfgs")
 BASE_LR = 30.0

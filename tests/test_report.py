@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from moco_transfer.cli import main
-from moco_transfer.eval.results_table import Cell, ReportError, build_report, format_cell
+from moco_transfer.eval.report import Cell, ReportError, build_report, format_cell
 from moco_transfer.eval.voc_trials import summarize, trial_dir, write_metrics
 from moco_transfer.fileio import sha256_file
 from moco_transfer.pretrain.config import PretrainConfig, save_resolved
