@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,35 @@ def init_from_env() -> torch.device:
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        store = _elastic_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def _elastic_store() -> dist.Store | None:
+    """The torchrun agent's shared store, seen through a prefix of this restart attempt; None outside torchrun.
+
+    torchrun (c10d rendezvous) lets workers share the agent's TCPStore, and that store outlives a restart. The
+    process group's keys carry no attempt in their names, so after `--max-restarts` brings a group back, a new
+    rank can read the address a dead rank published in the previous attempt: gloo's connectFullMesh fails with
+    "Connection refused" (NCCL reads a stale unique id): pytorch/pytorch issues 135712 and 167288. Prefixing
+    by TORCHELASTIC_RESTART_COUNT keeps every attempt's keys apart. The count is kept by each node's agent;
+    the agents of a multi-node job restart together, but an agent that is itself replaced starts again at 0,
+    so examples/slurm/pretrain.sbatch also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store for each
+    rendezvous round), which turns this path off.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"moco_transfer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @torch.no_grad()

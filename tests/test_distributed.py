@@ -76,3 +76,29 @@ def test_torchrun_two_process_pretraining(tiny_folder, tmp_path):
     assert int(sd["module.queue_ptr"]) == (2 * 4 * 8) % 32
     log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in log] == [1, 2] and all(x["loss"] > 0 for x in log)
+
+
+def test_a_restarted_torchrun_group_does_not_see_the_last_attempts_keys(monkeypatch):
+    """torchrun's shared store outlives a restart; keys written by attempt 0 (a dead rank's gloo address) must be
+    invisible to attempt 1, or its connectFullMesh dials a closed port (pytorch/pytorch issue 135712)."""
+    from datetime import timedelta
+
+    from moco_transfer.distributed import _elastic_store
+
+    port = _free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=10))  # the agent's store
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _elastic_store() is None  # outside torchrun's shared store: init_process_group's own env:// store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    _elastic_store().set("default_pg/0//cpu//rank_1", "127.0.0.1:41000")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = _elastic_store()
+    assert not second.check(["default_pg/0//cpu//rank_1"])
+    second.set("default_pg/0//cpu//rank_1", "127.0.0.1:42000")
+    assert second.get("default_pg/0//cpu//rank_1") == b"127.0.0.1:42000"
+    assert agent.num_keys() >= 2  # both attempts' keys sit side by side in the one store

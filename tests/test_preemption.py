@@ -149,8 +149,6 @@ def test_time_based_checkpoint_limits_what_a_sigkill_loses(tmp_path, straight_cp
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="flaky: after the restart the new gloo group sometimes fails connectFullMesh ('Connection "
-                         "refused'); on 2026-11-30 it passed in one full run, failed in another and once alone")
 def test_torchrun_restarts_a_group_that_lost_a_worker_and_logs_each_epoch_once(tmp_path):
     data = write_class_folders(tmp_path / "data", classes=2, per_class=48)
     out = tmp_path / "run"

@@ -110,6 +110,8 @@ def test_script_settings() -> None:
     for directive in ("--signal=USR1@180", "--requeue", "--open-mode=append", "--ntasks-per-node=1"):
         assert re.search(rf"^#SBATCH {re.escape(directive)}\b", text, re.M), directive
     assert "--resume auto" in text and "trap '' USR1" in text
+    assert re.search(r"^export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=\$\{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1\}", text,
+                     re.M)  # restarts get a fresh store (moco_transfer.distributed._elastic_store says why)
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
