@@ -165,11 +165,13 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 @click.option("--cached", is_flag=True, help="Fast path: train the fc on cached center-crop features.")
 @click.option("--solver", type=click.Choice(["sgd", "lbfgs"]), default="sgd", show_default=True,
               help="lbfgs: scikit-learn logistic regression on cached features, C chosen on held-out train.")
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Default: the checkpoint's preset's linear settings (docs/eval.md), else 100.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True,
               help="Global batch (split across torchrun processes).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Base lr; default 30 x batch / 256.")
+              help="Base lr; default: the checkpoint's preset's lr x batch / 256 (docs/eval.md), else 30 x batch "
+                   "/ 256.")
 @click.option("--milestones", type=str, default=None,
               help="Epochs where lr drops x0.1, e.g. 60,80; default 60% and 80% of --epochs.")
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=2, show_default=True)
@@ -180,7 +182,7 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
               help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
 @click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")
 @click.option("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: GPU when present).")
-def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, solver: str, epochs: int,
+def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, solver: str, epochs: int | None,
                 batch_size: int, lr: float | None, milestones: str | None, workers: int, seed: int, resume: bool,
                 cache_dir: str | None, no_cache: bool, device: str | None) -> None:
     """Linear classification on CHECKPOINT's frozen backbone (MoCo protocol; --cached or --solver lbfgs: fast)."""
@@ -208,6 +210,9 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     best = report["best"]
+    if mode != "lbfgs":
+        hp = report["hyperparameters"]
+        click.echo(f"settings: lr {report['lr']:g}, {hp['epochs']} epochs ({report['settings']})")
     click.echo(f"linear ({mode}) {report['arch']}: final top-1 {report['final']['top1']:.2f} "
                f"top-5 {report['final']['top5']:.2f}; best top-1 {best['top1']:.2f}; "
                f"results in {output}/linear.json")

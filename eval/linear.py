@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError, atomic_save
 from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
-from moco_transfer.pretrained import PretrainedBackbone, load_pretrained_backbone
+from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
 from moco_transfer.signals import StoppedBySignal, StopRequest
 
@@ -43,6 +43,8 @@ from .plots import save_curve
 
 MODES = ("faithful", "cached", "lbfgs")
 BASE_LR = 30.0
+PROTOCOL_EPOCHS = 100
+IMAGENET_PROTOCOL = "the ImageNet protocol"
 STATE_NAME = "linear_checkpoint.pth.tar"
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -50,10 +52,14 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class LinearConfig:
-    """Hyperparameters; `lr=None` means 30 x batch / 256, `milestones=None` means 60% and 80% of epochs."""
+    """Hyperparameters; None means the checkpoint's preset's setting (see `resolve_settings`), else the protocol's.
+
+    `lr=None`: the preset's lr per 256 images, or 30, scaled with the batch; `epochs=None`: the preset's or 100;
+    `milestones=None`: 60% and 80% of the epochs.
+    """
 
     mode: str = "faithful"
-    epochs: int = 100
+    epochs: int | None = None
     batch_size: int = 256
     lr: float | None = None
     momentum: float = 0.9
@@ -66,9 +72,28 @@ class LinearConfig:
     lbfgs_max_iter: int = 1000
 
 
-def base_lr(batch_size: int, lr: float | None = None) -> float:
-    """The protocol's lr 30 for batch 256, scaled linearly with the (global) batch unless given."""
-    return float(lr) if lr is not None else BASE_LR * batch_size / 256
+def base_lr(batch_size: int, lr: float | None = None, per_256: float = BASE_LR) -> float:
+    """The protocol's lr 30 (or a preset's `per_256`) for batch 256, scaled linearly with the batch unless given."""
+    return float(lr) if lr is not None else per_256 * batch_size / 256
+
+
+def resolve_settings(cfg: LinearConfig, preset: PresetLinear | None = None) -> tuple[LinearConfig, str]:
+    """Fill the settings left unset from the checkpoint's preset, else from the ImageNet protocol.
+
+    The protocol's lr 30 blows the loss up on features of another scale (the embedded default's), so a preset
+    measured for its own checkpoints brings its lr and epochs; each option given explicitly still wins. Returns
+    the concrete config (lr absolute) and where its defaults came from, for linear.json and the console.
+    """
+    per_256 = preset.lr if preset is not None else BASE_LR
+    epochs = cfg.epochs if cfg.epochs is not None else (preset.epochs if preset is not None else PROTOCOL_EPOCHS)
+    resolved = replace(cfg, epochs=epochs, lr=base_lr(cfg.batch_size, cfg.lr, per_256))
+    if cfg.mode == "lbfgs":
+        return resolved, "logistic regression (no lr or epochs)"
+    origin = preset.describe() if preset is not None else IMAGENET_PROTOCOL
+    given = [name for name, value in (("lr", cfg.lr), ("epochs", cfg.epochs)) if value is not None]
+    if len(given) == 2:
+        return resolved, "lr and epochs as given"
+    return resolved, origin + (f", {given[0]} as given" if given else "")
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:
@@ -287,6 +312,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
     With `stop`, a signal ends training after the step in progress on every rank: the state, with the epoch's
     position and every rank's running loss, goes to `state_path` and StoppedBySignal is raised.
     """
+    cfg, _ = resolve_settings(cfg)  # no-op on a resolved config; a bare one gets the ImageNet protocol
     torch.manual_seed(cfg.seed)
     fc = fresh_fc(in_features, num_classes).to(device)
     model: nn.Module = fc
@@ -427,13 +453,16 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
     cfg = cfg or LinearConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"--solver/mode {cfg.mode!r}: expected one of {MODES}")
-    if cfg.epochs < 1 and cfg.mode != "lbfgs":
+    if cfg.epochs is not None and cfg.epochs < 1 and cfg.mode != "lbfgs":
         raise ValueError(f"--epochs {cfg.epochs}: expected at least 1")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr {cfg.lr}: expected a positive number")
     dev = du.init_from_env()
     if device is not None:
         dev = torch.device(device)
     out = Path(output)
     pb: PretrainedBackbone = load_pretrained_backbone(checkpoint, dev)
+    cfg, settings = resolve_settings(cfg, pb.preset_linear)
     faithful = cfg.mode == "faithful"
     train_tf = linear_train_transform(pb.image_size) if faithful else eval_transform(pb.image_size)
     pair = make_datasets(data or pb.embedded_data, train_tf, eval_transform(pb.image_size), pb.image_size)
@@ -475,6 +504,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         "epoch": pb.epoch, "image_size": pb.image_size, "small_images": pb.small_images, "data": pair.root,
         "num_classes": num_classes, "num_train": len(pair.train), "num_val": len(pair.val),
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "settings": settings,
         **result, **extra, "seconds": time.perf_counter() - t0, "world_size": du.world_size(), "device": str(dev),
     }
     if du.is_main_process():

@@ -34,6 +34,7 @@ class PretrainedBackbone:
     path: Path
     fingerprint: str
     embedded_data: str | None = None  # the embedded set it was pretrained on: the evaluators' default --data
+    preset_linear: PresetLinear | None = None  # its preset's linear-probe settings, when measured for it
 
 
 def _infer_arch(state: dict[str, torch.Tensor], small_images: bool, path: Path) -> str:
@@ -51,6 +52,51 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, pat
     if problems:
         raise CheckpointError(f"checkpoint {path}: query encoder under 'module.encoder_q.' does not match a {arch} "
                               f"backbone ({'; '.join(problems)}); refusing to evaluate a partly random network")
+
+
+@dataclass(frozen=True)
+class PresetLinear:
+    """The linear-probe settings measured for one pretraining preset on its own data.
+
+    The MoCo protocol's lr 30 per 256 images fits ResNet-50 features of ImageNet; other networks give features
+    of another scale, on which lr 30 can blow the classifier's loss up. A checkpoint that names a preset listed
+    in PRESET_LINEAR, and was pretrained on that preset's data, gets these settings by default; explicit
+    options still win. They live here, beside the other evaluator defaults drawn from a checkpoint's config
+    (`embedded_data`), so that eval/ reads them without importing the pretraining package; checkpoints written
+    before they were measured get them too.
+    """
+
+    preset: str
+    data: str  # what the preset pretrains on; a run of the preset on other data keeps the ImageNet protocol
+    lr: float  # per 256 images, scaled linearly with --batch-size like the protocol's 30
+    epochs: int = 100  # lr x0.1 at 60% and 80% of them, as the protocol
+
+    def describe(self) -> str:
+        return f"the {self.preset} preset's linear settings"
+
+
+# The embedded default's lr, measured with `OMP_NUM_THREADS=1 moco eval linear CKPT --cached --lr LR` (batch 256,
+# 100 epochs, x0.1 at 60 and 80) on the seed 0-2 checkpoints of `python benchmarks/demo_seeds.py` (30 epochs),
+# 2-core x86_64 CPU, 2026-11-30. Final top-1 (%) on the 360 held-out digits; * = the loss-blow-up warning:
+#   lr       30     10     3      1      0.3    0.1    0.05   0.03   0.02   0.01   0.003  0.001
+#   seed 0   54.7*  55.6*  57.8*  55.6*  55.6*  58.3*  59.2   57.8   56.9   54.2   48.6   43.6
+#   seed 1   59.2*                              59.4*  57.8   58.6   57.2   56.4
+#   seed 2   63.6*                              61.7*  63.1   61.9   60.6   58.1
+#   mean     59.2                               59.8   60.0   59.4   58.2   56.2
+# The peak loss falls in proportion to the lr (2.7e4 at 30, 65 at 0.1): these features are large. lr 0.03 is the
+# largest tried whose loss only falls (its peak is the first epoch's, ln 10); at 0.05 it climbs to 4-9, at 0.1 past
+# the warning's 10 x ln 10. Its mean is lr 30's within noise (one digit is 0.28 points). docs/eval.md has more.
+PRESET_LINEAR: dict[str, PresetLinear] = {
+    "scattered-digits": PresetLinear("scattered-digits", "embedded:scattered-digits", lr=0.03),
+}
+
+
+def preset_linear_settings(config: dict[str, Any]) -> PresetLinear | None:
+    """The linear settings of the preset a checkpoint's config names, if measured and trained on its data."""
+    settings = PRESET_LINEAR.get(str(config.get("preset")))
+    if settings is None or config.get("data") != settings.data:
+        return None
+    return settings
 
 
 def pretrained_on_embedded(config: dict[str, Any]) -> str | None:
@@ -91,4 +137,4 @@ def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str
     return PretrainedBackbone(
         model=model, arch=arch, small_images=small, image_size=image_size, feature_dim=feature_dim(arch),
         epoch=int(epoch) if isinstance(epoch, int | float) else None, path=path, fingerprint=sha256_file(path),
-        embedded_data=pretrained_on_embedded(config))
+        embedded_data=pretrained_on_embedded(config), preset_linear=preset_linear_settings(config))

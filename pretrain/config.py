@@ -76,6 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default (no --data): scattered digits, about 4 minutes on 2 CPU cores. At this scale the
     # v2 recipe needs three changes to learn (docs/small_scale.md): BN at the head's output, crops of at least
     # 80% of the image, and no mirror (a mirrored digit is another glyph).
+    # Its linear-probe settings (lr 0.03 per 256 images, measured) are PRESET_LINEAR in moco_transfer/pretrained.py,
+    # where the evaluators read them; `moco eval linear` uses them for checkpoints of this preset.
     "scattered-digits": dict(_V2, data="embedded:scattered-digits", arch="resnet18", small_images=True,
                              image_size=16, crop_min=0.8, flip=False, head_bn=True, epochs=30, batch_size=64,
                              base_lr=0.24, moco_k=1024, moco_m=0.99, moco_t=0.2, bn_splits=4, workers=1,
