@@ -1,4 +1,4 @@
-"""The `moco` command: pretrain, convert, eval linear|knn|voc, report.
+"""The `moco` command: pretrain, convert, eval linear|knn|voc|coco, report.
 
 Installed as `moco_transfer.cli`; commands are thin: they parse options and call the package's modules.
 """
@@ -268,44 +268,57 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
     click.echo(f"results in {output}/knn.json, gallery {report['gallery']}")
 
 
-# --- eval voc -------------------------------------------------------------------------------------------
+# --- eval voc, eval coco -------------------------------------------------------------------------------
 
 
-@eval_group.command("voc", context_settings={"ignore_unknown_options": True})
-@_log_every_option()
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--voc-root", required=True, type=click.Path(path_type=str),
-              help="Folder holding VOC2007/ and VOC2012/ (the VOCdevkit folder).")
-@click.option("--output", "output", default=None, type=click.Path(file_okay=False, path_type=str),
-              help="Run folder (trials, summary); default runs/voc/<checkpoint name>.")
-@click.option("--trials", default=5, show_default=True, type=int, help="Independent fine-tuning runs (seeds differ).")
-@click.option("--gpus", default=None, type=int,
-              help="GPUs of the run (0 = CPU), split between --parallel-trials; default: all visible, else CPU.")
-@click.option("--parallel-trials", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Trials at once, each on gpus/parallel-trials GPUs in its own process (see docs/voc.md).")
-@click.option("--amp", is_flag=True,
-              help="fp16 mixed precision (detectron2's AMP trainer): the protocol's 16 images on fewer GPUs.")
-@click.option("--fresh", is_flag=True,
-              help="Move the output folder's earlier trials to superseded/<time>/ and start over.")
-@click.option("--config", default="voc_R_50_C4_24k_moco.yaml", show_default=True,
-              help="A shipped config name (see docs/voc.md) or a path to a detectron2 YAML file.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Base seed; trial k uses seed+k.")
-@click.option("--scale-to-gpus", is_flag=True,
-              help="Apply the MoCo authors' rule for fewer than 8 GPUs (8 images, lr/2, 2x schedule) and print it.")
-@click.option("--max-ims-per-gpu", default=4, show_default=True, type=int,
-              help="With --scale-to-gpus: images per GPU that fit in memory; keeps 16 per batch when they fit.")
-@click.argument("opts", nargs=-1, type=click.UNPROCESSED, metavar="[--opts KEY VALUE ...]")
-def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gpus: int | None,
-             parallel_trials: int, amp: bool, fresh: bool, config: str, seed: int, scale_to_gpus: bool,
-             max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
-    """Fine-tune CHECKPOINT (MoCo checkpoint or detectron2 .pkl) on VOC07+12, test on VOC07; N trials, summary.
+def _detection_options(root_option: str, root_help: str, default_trials: int, config_default: str,
+                       config_help: str):  # noqa: ANN202 - click decorator stack
+    """The options `moco eval voc` and `moco eval coco` share; only the dataset root and the defaults differ."""
+    opts = [
+        _log_every_option(),
+        click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str)),
+        click.option(root_option, "data_root", required=True, type=click.Path(path_type=str), help=root_help),
+        click.option("--output", "output", default=None, type=click.Path(file_okay=False, path_type=str),
+                     help="Run folder (trials, summary); default runs/<benchmark>/<checkpoint name>."),
+        click.option("--trials", default=default_trials, show_default=True, type=int,
+                     help="Independent fine-tuning runs (seeds differ)."),
+        click.option("--gpus", default=None, type=int,
+                     help="GPUs of the run (0 = CPU), split between --parallel-trials; default: all visible, "
+                          "else CPU."),
+        click.option("--parallel-trials", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Trials at once, each on gpus/parallel-trials GPUs in its own process "
+                          "(see docs/detection.md)."),
+        click.option("--amp", is_flag=True,
+                     help="fp16 mixed precision (detectron2's AMP trainer): the protocol's 16 images on fewer GPUs."),
+        click.option("--fresh", is_flag=True,
+                     help="Move the output folder's earlier trials to superseded/<time>/ and start over."),
+        click.option("--config", default=config_default, show_default=True, help=config_help),
+        click.option("--seed", default=0, show_default=True, type=int, help="Base seed; trial k uses seed+k."),
+        click.option("--scale-to-gpus", is_flag=True,
+                     help="Apply the MoCo authors' rule for fewer than 8 GPUs (8 images, lr/2, 2x schedule) and "
+                          "print it."),
+        click.option("--max-ims-per-gpu", default=4, show_default=True, type=int,
+                     help="With --scale-to-gpus: images per GPU that fit in memory; keeps 16 per batch when they "
+                          "fit."),
+        click.argument("opts", nargs=-1, type=click.UNPROCESSED, metavar="[--opts KEY VALUE ...]"),
+    ]
 
-    Re-running the same command skips finished trials and resumes an interrupted one. Put detectron2 config
-    overrides last: --opts SOLVER.MAX_ITER 100 INPUT.MIN_SIZE_TEST 600.
-    """
+    def wrap(f):  # noqa: ANN001, ANN202
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return wrap
+
+
+def _run_detection(benchmark: str, checkpoint: str, data_root: str, output: str | None, trials: int,
+                   gpus: int | None, parallel_trials: int, amp: bool, fresh: bool, config: str, seed: int,
+                   scale_to_gpus: bool, max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
+    """Both commands: the options checked, the runner called, its errors as messages, the mean line printed."""
     from pathlib import Path
 
-    from moco_transfer.eval.voc import REPORTED_ERRORS, VocOptions, run_voc
+    from moco_transfer.eval.detection.benchmarks import get_benchmark
+    from moco_transfer.eval.detection.runner import REPORTED_ERRORS, DetectionOptions, run_detection
     from moco_transfer.signals import StoppedBySignal
 
     if opts and opts[0] != "--opts":
@@ -313,24 +326,64 @@ def eval_voc(checkpoint: str, voc_root: str, output: str | None, trials: int, gp
     stray = [o for o in opts if o.startswith("--") and o != "--opts"]
     if stray:
         raise click.UsageError(f"no such option {stray[0]} (options go before --opts KEY VALUE ...)")
+    bm = get_benchmark(benchmark)
     ckpt = Path(checkpoint)
-    options = VocOptions(
-        checkpoint=ckpt, voc_root=Path(voc_root),
-        output=Path(output) if output else Path("runs") / "voc" / ckpt.name.split(".")[0],
+    options = DetectionOptions(
+        checkpoint=ckpt, data_root=Path(data_root), benchmark=bm,
+        output=Path(output) if output else Path("runs") / bm.name / ckpt.name.split(".")[0],
         trials=trials, gpus=gpus, config=config,
         opts=[o for o in opts if o != "--opts"], seed=seed, scale_to_gpus=scale_to_gpus,
         max_ims_per_gpu=max_ims_per_gpu, amp=amp, parallel_trials=parallel_trials, fresh=fresh)
     try:
-        summary = run_voc(options, echo=click.echo)
+        summary = run_detection(options, echo=click.echo)
     except REPORTED_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     except StoppedBySignal as exc:  # trials saved their checkpoints; exit code 75 tells a job script to requeue
         click.echo(str(exc), err=True)
         sys.exit(exc.exit_code)
-    mean, std = summary["mean"], summary["std"]
-    click.echo(f"{summary['trials_finished']} trials: " + ", ".join(
-        f"{k} {mean[k]:.2f}" + (f" +- {std[k]:.2f}" if std[k] is not None else "")
-        for k in ("AP", "AP50", "AP75") if mean[k] is not None))
+    values = bm.values(summary["mean"]) or {}
+    spread = bm.values(summary["std"]) or {}
+    parts = []
+    for task, key, header in bm.columns():
+        mean = values.get(task, {}).get(key)
+        if mean is not None and key in ("AP", "AP50", "AP75"):
+            std = spread.get(task, {}).get(key)
+            parts.append(f"{header} {mean:.2f}" + (f" +- {std:.2f}" if std is not None else ""))
+    click.echo(f"{summary['trials_finished']} trials: " + ", ".join(parts))
+
+
+@eval_group.command("voc", context_settings={"ignore_unknown_options": True})
+@_detection_options("--voc-root", "Folder holding VOC2007/ and VOC2012/ (the VOCdevkit folder).", 5,
+                    "voc_R_50_C4_24k_moco.yaml",
+                    "A shipped config name (see docs/voc.md) or a path to a detectron2 YAML file.")
+def eval_voc(checkpoint: str, data_root: str, output: str | None, trials: int, gpus: int | None,
+             parallel_trials: int, amp: bool, fresh: bool, config: str, seed: int, scale_to_gpus: bool,
+             max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
+    """Fine-tune CHECKPOINT (MoCo checkpoint or detectron2 .pkl) on VOC07+12, test on VOC07; N trials, summary.
+
+    Re-running the same command skips finished trials and resumes an interrupted one. Put detectron2 config
+    overrides last: --opts SOLVER.MAX_ITER 100 INPUT.MIN_SIZE_TEST 600.
+    """
+    _run_detection("voc", checkpoint, data_root, output, trials, gpus, parallel_trials, amp, fresh, config, seed,
+                   scale_to_gpus, max_ims_per_gpu, opts)
+
+
+@eval_group.command("coco", context_settings={"ignore_unknown_options": True})
+@_detection_options("--coco-root", "Folder in detectron2's COCO layout: annotations/instances_{train,val}2017.json, "
+                    "train2017/, val2017/.", 1, "fpn-1x",
+                    "c4-1x, c4-2x, fpn-1x or fpn-2x (Mask R-CNN, docs/detection.md), or a path to a detectron2 "
+                    "YAML file.")
+def eval_coco(checkpoint: str, data_root: str, output: str | None, trials: int, gpus: int | None,
+              parallel_trials: int, amp: bool, fresh: bool, config: str, seed: int, scale_to_gpus: bool,
+              max_ims_per_gpu: int, opts: tuple[str, ...]) -> None:
+    """Fine-tune CHECKPOINT (MoCo checkpoint or detectron2 .pkl) with Mask R-CNN on COCO train2017, test on val2017.
+
+    Box and mask AP (COCOEvaluator); N trials (default 1: a trial is long, and the paper reports single runs),
+    mean and std. Re-running the same command skips finished trials and resumes an interrupted one. Put
+    detectron2 config overrides last: --opts SOLVER.MAX_ITER 100.
+    """
+    _run_detection("coco", checkpoint, data_root, output, trials, gpus, parallel_trials, amp, fresh, config, seed,
+                   scale_to_gpus, max_ims_per_gpu, opts)
 
 
 # --- report ---------------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ from importlib import resources
 from pathlib import Path
 
 BASE = "Base-RCNN-C4-BN.yaml"
+BASE_FPN = "Base-RCNN-FPN-BN.yaml"
 VOC_24K = "voc_R_50_C4_24k_moco.yaml"
-COCO_1X = "coco_R_50_C4_1x_moco.yaml"
+COCO_C4_1X = "coco_R_50_C4_1x_moco.yaml"
+COCO_C4_2X = "coco_R_50_C4_2x_moco.yaml"
+COCO_FPN_1X = "coco_R_50_FPN_1x_moco.yaml"
+COCO_FPN_2X = "coco_R_50_FPN_2x_moco.yaml"
 
 
 def available_configs() -> list[str]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from moco_transfer.eval.voc_memory import GIB, HEADROOM_FRACTION, MEMORY_FRACTION_ENV, MemoryPlan, TrialShape
+from moco_transfer.eval.detection.memory import GIB, HEADROOM_FRACTION, MEMORY_FRACTION_ENV, MemoryPlan, TrialShape
 
 from .voc_synthetic import TINY, single_torch_thread, write_moco_checkpoint, write_voc  # noqa: F401
 
@@ -31,10 +31,11 @@ pytestmark = pytest.mark.cuda
 pytest.importorskip("detectron2", reason="detectron2 not importable (docs/voc.md, 'GPU check': .gpu_detectron2)")
 
 from moco_transfer.cli import main  # noqa: E402
-from moco_transfer.eval import voc  # noqa: E402
-from moco_transfer.eval.voc import VocOptions, build_config  # noqa: E402
-from moco_transfer.eval.voc_probe import RESULT_MARK  # noqa: E402
-from moco_transfer.eval.voc_train import start_memory_stats  # noqa: E402
+from moco_transfer.eval.detection import runner  # noqa: E402
+from moco_transfer.eval.detection.prepare import build_config  # noqa: E402
+from moco_transfer.eval.detection.probe import RESULT_MARK  # noqa: E402
+from moco_transfer.eval.detection.runner import DetectionOptions  # noqa: E402
+from moco_transfer.eval.detection.train import start_memory_stats  # noqa: E402
 
 ITERATIONS = 40
 IMS = 4  # images per batch on the one GPU: small enough for 40 iterations in seconds, large enough to measure
@@ -62,7 +63,7 @@ def big_voc(tmp_path_factory):
 
 
 def _device() -> str:
-    return voc.visible_devices(os.environ, torch.cuda.device_count())[0]
+    return runner.visible_devices(os.environ, torch.cuda.device_count())[0]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -70,7 +71,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _trial_config(voc_root, folder, opts, amp):
-    cfg = build_config(VocOptions(checkpoint=folder / "unused.pth", voc_root=voc_root, output=folder, gpus=1,
+    cfg = build_config(DetectionOptions(checkpoint=folder / "unused.pth", data_root=voc_root, output=folder, gpus=1,
                                   amp=amp, opts=opts), echo=lambda _: None)
     cfg.OUTPUT_DIR, cfg.SEED, cfg.MODEL.WEIGHTS = str(folder), 0, ""  # random weights: memory does not care
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def _trial_config(voc_root, folder, opts, amp):
 
 def _probe(cfg_file, voc_root, shape) -> tuple[MemoryPlan, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run(voc.probe_argv(cfg_file, voc_root, shape, [_device()]), env=_env(), capture_output=True,
+    proc = subprocess.run(runner.probe_argv(cfg_file, voc_root, shape, [_device()]), env=_env(), capture_output=True,
                           text=True, timeout=300)
     last = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     assert proc.returncode == 0 and last, proc.stderr[-3000:]
@@ -100,7 +101,7 @@ def test_probe_prediction_against_40_real_iterations(amp, big_voc, tmp_path, gpu
     measured = plan.details[0]
     assert measured["ims_per_gpu"] == IMS and measured["amp"] is amp and measured["sizes"][0] == [800, 1333]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "moco_transfer.eval.voc_train", str(folder / "config.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "moco_transfer.eval.detection.train", str(folder / "config.yaml"),
                            str(big_voc), "0", "--gpus", "1"], env=_env(), capture_output=True, text=True, timeout=400)
     train_s = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -156,7 +157,7 @@ def test_a_capped_gpu_refuses_the_trial_and_names_what_fits(big_voc, moco_checkp
 def test_two_parallel_trials_on_one_gpu(voc_root, moco_checkpoint, tmp_path, monkeypatch, gpu_report):
     """--gpus 2 --parallel-trials 2 with both groups on the one GPU (the run is told it sees it twice)."""
     dev = _device()
-    monkeypatch.setattr(voc, "visible_devices", lambda env, n: [dev, dev])
+    monkeypatch.setattr(runner, "visible_devices", lambda env, n: [dev, dev])
     out = tmp_path / "run"
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["eval", "voc", str(moco_checkpoint), "--voc-root", str(voc_root), "--output",
@@ -168,8 +169,8 @@ def test_two_parallel_trials_on_one_gpu(voc_root, moco_checkpoint, tmp_path, mon
     starts = {}
     for k in (0, 1):
         mine, other = str(out / f"trial_{k}"), str(out / f"trial_{1 - k}")
-        line = next(line for line in logs[k].splitlines() if line.startswith("voc_train: "))
-        assert line.startswith(f"voc_train: {mine} on CUDA_VISIBLE_DEVICES={dev}, 1 GPU(s), rendezvous tcp://")
+        line = next(line for line in logs[k].splitlines() if line.startswith("detection.train: "))
+        assert line.startswith(f"detection.train: {mine} on CUDA_VISIBLE_DEVICES={dev}, 1 GPU(s), rendezvous tcp://")
         assert other not in logs[k]  # each trial's log is its own
         starts[k] = line
         metrics = json.loads((out / f"trial_{k}" / "metrics.json").read_text())

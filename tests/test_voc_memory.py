@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moco_transfer.eval import voc
-from moco_transfer.eval.voc_memory import (
+from moco_transfer.eval.detection import runner
+from moco_transfer.eval.detection.memory import (
     BUSY_BYTES,
     GIB,
     HEADROOM_FRACTION,
@@ -31,9 +31,9 @@ from moco_transfer.eval.voc_memory import (
     probe_image_size,
     probe_sizes,
 )
-from moco_transfer.eval.voc_probe import RESULT_MARK, ProbeError, warm_up
-from moco_transfer.eval.voc_schedule import DIST_URL_ENV
-from moco_transfer.eval.voc_trials import RunBook, TrialState, trial_dir, write_metrics
+from moco_transfer.eval.detection.probe import RESULT_MARK, ProbeError, warm_up
+from moco_transfer.eval.detection.schedule import DIST_URL_ENV
+from moco_transfer.eval.detection.trials import RunBook, TrialState, folder_states, trial_dir, write_metrics
 
 VOC = dict(ims_per_batch=16, base_lr=0.02, steps=(18000, 22000), max_iter=24000)
 
@@ -334,9 +334,9 @@ def _prep(tmp_path, gpus=1, groups=(("0",),)):
     cfg = types.SimpleNamespace(SOLVER=types.SimpleNamespace(MAX_ITER=24000, CHECKPOINT_PERIOD=5000),
                                 dump=lambda: "SOLVER: {}\n")
     shape = TrialShape(**VOC, gpus=gpus, visible_gpus=gpus)
-    prep = voc.Prepared(cfg, tmp_path / "w.pkl", {}, [list(g) for g in groups], shape)
-    options = voc.VocOptions(checkpoint=tmp_path / "c.pth", voc_root=tmp_path / "VOC", output=tmp_path / "out",
-                             trials=2, gpus=gpus)
+    prep = runner.Prepared(cfg, tmp_path / "w.pkl", {}, [list(g) for g in groups], shape)
+    options = runner.DetectionOptions(checkpoint=tmp_path / "c.pth", data_root=tmp_path / "VOC",
+                                      output=tmp_path / "out", trials=2, gpus=gpus)
     options.output.mkdir()
     return prep, options
 
@@ -348,19 +348,20 @@ def _not_fitting():
 def test_memory_preflight_paths(tmp_path, monkeypatch):
     prep, options = _prep(tmp_path)
     calls, lines = [], []
-    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: calls.append(1) or _not_fitting())
-    with pytest.raises(voc.VocOutOfMemory) as info:
-        voc.memory_preflight(prep, options, lines.append)
+    monkeypatch.setattr(runner, "_probe_plan", lambda *a, **k: calls.append(1) or _not_fitting())
+    with pytest.raises(runner.DoesNotFit) as info:
+        runner.memory_preflight(prep, options, lines.append)
     assert str(info.value) == _not_fitting().message()
-    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: calls.append(1) or None)  # the probe could not run
-    assert voc.memory_preflight(prep, options, lines.append) is None
+    monkeypatch.setattr(runner, "_probe_plan", lambda *a, **k: calls.append(1) or None)  # the probe could not run
+    assert runner.memory_preflight(prep, options, lines.append) is None
     for k in range(options.trials):
         write_metrics(trial_dir(options.output, k), {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, seed=k)
+    prep.states = folder_states(options.output)  # as the pre-flight takes them, once, at start-up
     calls.clear()
-    assert voc.memory_preflight(prep, options, lines.append) is None
+    assert runner.memory_preflight(prep, options, lines.append) is None
     assert calls == [] and lines[-1] == "memory pre-flight: skipped, every trial is finished"
     options.gpus = 0
-    assert voc.memory_preflight(prep, options, lines.append) is None and calls == []
+    assert runner.memory_preflight(prep, options, lines.append) is None and calls == []
 
 
 def _script(tmp_path, name, body):
@@ -377,23 +378,23 @@ def test_probe_results_error_skip_and_crash(tmp_path, monkeypatch):
              "os.environ['CUDA_VISIBLE_DEVICES']])); print('MOCO_PROBE_RESULT ' + json.dumps({'error': "
              "'probe iteration of 8 images per GPU in fp32 failed: AcceleratorError: CUDA error: an illegal memory "
              "access was encountered'})); sys.exit(1)\n")
-    monkeypatch.setattr(voc, "probe_argv", lambda cfg, root, shape, ids, *a: [
+    monkeypatch.setattr(runner, "probe_argv", lambda cfg, root, shape, ids, *a: [
         *_script(tmp_path, "error", error), str(seen), *ids])
-    with pytest.raises(voc.VocSetupError) as info:
-        voc._probe_plan(prep, options, print)
+    with pytest.raises(runner.SetupError) as info:
+        runner._probe_plan(prep, options, print)
     assert str(info.value) == ("memory pre-flight: the probe failed on GPU 3, 5: probe iteration of 8 images per GPU "
                                "in fp32 failed: AcceleratorError: CUDA error: an illegal memory access was encountered")
     assert json.loads(seen.read_text()) == [["3", "5"], "3,5"]  # every GPU of the run, each group's
-    assert isinstance(info.value, voc.SETUP_ERRORS)  # reported as a message by the CLI, not a traceback
+    assert isinstance(info.value, runner.SETUP_ERRORS)  # reported as a message by the CLI, not a traceback
     crash = "import sys; print('Traceback (most recent call last):', file=sys.stderr); sys.exit(-11)\n"
-    monkeypatch.setattr(voc, "probe_argv", lambda *a: _script(tmp_path, "crash", crash))
+    monkeypatch.setattr(runner, "probe_argv", lambda *a: _script(tmp_path, "crash", crash))
     lines = []
-    assert voc._probe_plan(prep, options, lines.append) is None
+    assert runner._probe_plan(prep, options, lines.append) is None
     assert lines[-1].startswith("warning: memory probe could not run (Traceback") and "continuing" in lines[-1]
     plan = _not_fitting()
     ok = f"import sys; print('probe: ...', file=sys.stderr); print({RESULT_MARK + json.dumps(plan.to_json())!r})\n"
-    monkeypatch.setattr(voc, "probe_argv", lambda *a: _script(tmp_path, "ok", ok))
-    assert voc._probe_plan(prep, options, lines.append) == plan
+    monkeypatch.setattr(runner, "probe_argv", lambda *a: _script(tmp_path, "ok", ok))
+    assert runner._probe_plan(prep, options, lines.append) == plan
 
 
 TRIAL = """import json, os, sys, time
@@ -426,14 +427,14 @@ def test_reprobe_after_a_training_oom_runs_in_a_fresh_process(tmp_path, monkeypa
     reprobe = plan_memory(prep.shape, int(79 * GIB), int(80 * GIB), Device(80, per_image=5.0).measure,
                           failed_at="trial 1 (seed 0), iteration 15 of 24000", failed_peak=74 * GIB)
     record = tmp_path / "probe.json"
-    monkeypatch.setattr(voc, "trial_argv", lambda folder, root, seed, gpus: [
+    monkeypatch.setattr(runner, "trial_argv", lambda folder, root, seed, gpus, benchmark: [
         *_script(tmp_path, "trial", TRIAL), str(folder)])
-    monkeypatch.setattr(voc, "probe_argv", lambda cfg, root, shape, ids, failed_at, failed_peak: [
+    monkeypatch.setattr(runner, "probe_argv", lambda cfg, root, shape, ids, failed_at, failed_peak, benchmark: [
         *_script(tmp_path, "probe", PROBE), str(folder / "trial.json"), str(record),
         RESULT_MARK + json.dumps(reprobe.to_json()), failed_at, str(failed_peak)])
     book = RunBook(options.output, options.trials, {}, lambda _: None)
-    with pytest.raises(voc.VocOutOfMemory) as info:
-        voc._run_sequential([(0, 0, folder, TrialState.NEW)], prep, options, book, lambda _: None)
+    with pytest.raises(runner.DoesNotFit) as info:
+        runner._run_sequential([(0, 0, folder, TrialState.NEW)], prep, options, book, lambda _: None)
     trial, probe = json.loads((folder / "trial.json").read_text()), json.loads(record.read_text())
     assert trial["pid"] != os.getpid() and probe["pid"] not in (os.getpid(), trial["pid"])
     assert probe["trial_alive"] is False  # the trial's process (and its CUDA memory) was gone before the probe
@@ -450,7 +451,7 @@ def test_setting_wording(ims, amp, text):
 
 def test_each_trial_starts_its_own_peak_and_takes_the_memory_cap(monkeypatch):
     """start_memory_stats (run_trial's first step) on a CUDA process: peak reset, cap on its own device only."""
-    from moco_transfer.eval import voc_train
+    from moco_transfer.eval.detection import train
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -459,9 +460,9 @@ def test_each_trial_starts_its_own_peak_and_takes_the_memory_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append(("reset", *a)))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, d)))
-    voc_train.start_memory_stats()
+    train.start_memory_stats()
     assert calls == [("reset",)]
     monkeypatch.setenv("MOCO_GPU_MEMORY_FRACTION", "0.5")
     calls.clear()
-    voc_train.start_memory_stats()
+    train.start_memory_stats()
     assert calls == [("cap", 0.5, 3), ("reset",)]  # not on the other 7 devices: that would open contexts there

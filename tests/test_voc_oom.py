@@ -20,13 +20,15 @@ pytest.importorskip("detectron2", reason="detectron2 not installed (build it fro
 from detectron2.engine import AMPTrainer, DefaultTrainer, train_loop  # noqa: E402
 
 from moco_transfer.cli import main  # noqa: E402
-from moco_transfer.eval import voc  # noqa: E402
-from moco_transfer.eval.voc import VocOptions, build_config  # noqa: E402
-from moco_transfer.eval.voc_memory import GIB, Setting, TrialShape, plan_memory  # noqa: E402
-from moco_transfer.eval.voc_probe import RESULT_MARK, ProbeError, Prober, image_size_of, sizes_of  # noqa: E402
-from moco_transfer.eval.voc_probe import main as probe_main  # noqa: E402
-from moco_transfer.eval.voc_train import register_voc, trainer_class  # noqa: E402
-from moco_transfer.eval.voc_trials import TrialState, trial_state  # noqa: E402
+from moco_transfer.eval.detection import runner  # noqa: E402
+from moco_transfer.eval.detection.layouts import register_voc  # noqa: E402
+from moco_transfer.eval.detection.memory import GIB, Setting, TrialShape, plan_memory  # noqa: E402
+from moco_transfer.eval.detection.prepare import build_config  # noqa: E402
+from moco_transfer.eval.detection.probe import RESULT_MARK, ProbeError, Prober, image_size_of, sizes_of  # noqa: E402
+from moco_transfer.eval.detection.probe import main as probe_main  # noqa: E402
+from moco_transfer.eval.detection.runner import DetectionOptions  # noqa: E402
+from moco_transfer.eval.detection.train import trainer_class  # noqa: E402
+from moco_transfer.eval.detection.trials import TrialState, trial_state  # noqa: E402
 
 
 def _run(args):
@@ -34,7 +36,7 @@ def _run(args):
 
 
 def _tiny_cfg(voc_root, tmp_path, ckpt):
-    cfg = build_config(VocOptions(checkpoint=ckpt, voc_root=voc_root, output=tmp_path, opts=TINY, gpus=0),
+    cfg = build_config(DetectionOptions(checkpoint=ckpt, data_root=voc_root, output=tmp_path, opts=TINY, gpus=0),
                        echo=lambda _: None)
     register_voc(voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path), ""
@@ -158,8 +160,8 @@ def test_a_trial_that_does_not_fit_stops_before_any_trial_folder_or_run_record(m
     plan = plan_memory(TrialShape(2, 0.002, (3,), 4, gpus=1, visible_gpus=1), int(10 * GIB), int(12 * GIB),
                        lambda s: int((1 + 6 * s.ims_per_gpu * (0.5 if s.amp else 1)) * GIB), image_size=(64, 96))
     assert not plan.fits
-    monkeypatch.setattr(voc, "visible_devices", lambda env, n: ["0"])
-    monkeypatch.setattr(voc, "_probe_plan", lambda *a, **k: plan)
+    monkeypatch.setattr(runner, "visible_devices", lambda env, n: ["0"])
+    monkeypatch.setattr(runner, "_probe_plan", lambda *a, **k: plan)
     out = tmp_path / "run"
     res = _run([str(moco_checkpoint), "--voc-root", str(voc_root), "--output", str(out), "--trials", "2", "--gpus",
                 "1", "--opts", *TINY])

@@ -18,11 +18,11 @@ from .voc_synthetic import TINY, single_torch_thread, write_moco_checkpoint, wri
 pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
 
 from moco_transfer.cli import main  # noqa: E402
-from moco_transfer.eval.voc_trials import TrialState, trial_state  # noqa: E402
+from moco_transfer.eval.detection.trials import TrialState, trial_state  # noqa: E402
 
 INJECT = '''
 import sys
-if "moco_transfer.eval.voc_train" in sys.orig_argv and any("trial_1" in a for a in sys.orig_argv):
+if "moco_transfer.eval.detection.train" in sys.orig_argv and any("trial_1" in a for a in sys.orig_argv):
     import torch
     from detectron2.engine import train_loop
 
@@ -59,11 +59,11 @@ def test_parallel_trials_bookkeeping_oom_and_resume(moco_checkpoint, voc_root, t
             "ran out of memory.") in res.output
     assert f"{t1} keeps its checkpoint after iteration 2" in res.output
     assert "Traceback" not in res.output and "Traceback" not in (t1 / "console.log").read_text()
-    heads = [next(line for line in (t / "console.log").read_text().splitlines() if line.startswith("voc_train: "))
+    heads = [next(line for line in (t / "console.log").read_text().splitlines() if line.startswith("detection.train: "))
              for t in (t0, t1)]
     urls = [h.split("rendezvous ")[1].split(",")[0] for h in heads]
     for t, other, head in ((t0, t1, heads[0]), (t1, t0, heads[1])):
-        assert head.startswith(f"voc_train: {t} on CUDA_VISIBLE_DEVICES=, 0 GPU(s), rendezvous tcp://127.0.0.1:")
+        assert head.startswith(f"detection.train: {t} on CUDA_VISIBLE_DEVICES=, 0 GPU(s), rendezvous tcp://127.0.0.1:")
         assert str(other) not in (t / "console.log").read_text()  # each trial's log is its own
     assert urls[0] != urls[1]  # the parent handed each running trial its own port
     assert trial_state(t0) is TrialState.FINISHED and trial_state(t1) is TrialState.INTERRUPTED

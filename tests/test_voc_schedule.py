@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_transfer.eval.voc_schedule import (
+from moco_transfer.eval.detection.schedule import (
     DIST_URL_ENV,
     PoolJob,
     PortBook,

@@ -20,14 +20,14 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from moco_transfer.eval import voc
-from moco_transfer.eval.voc_schedule import PoolJob, run_pool, trial_stopped, wait_forwarding
-from moco_transfer.eval.voc_trials import STOPPED_FILE
+from moco_transfer.eval.detection import runner
+from moco_transfer.eval.detection.schedule import PoolJob, run_pool, trial_stopped, wait_forwarding
+from moco_transfer.eval.detection.trials import STOPPED_FILE
 from moco_transfer.signals import EXIT_STOPPED, StopRequest
 
 from .voc_synthetic import TINY, single_torch_thread, write_moco_checkpoint, write_voc  # noqa: F401
 
-# A stand-in trial: marks itself ready, then on SIGTERM writes stopped.json as voc_train does and exits 75.
+# A stand-in trial: marks itself ready, then on SIGTERM writes stopped.json as detection.train does and exits 75.
 STAND_IN = '''
 import json, pathlib, signal, sys, time
 folder = pathlib.Path(sys.argv[1])
@@ -104,18 +104,18 @@ def test_runner_stops_on_a_trial_that_exits_75(tmp_path, monkeypatch, parallel):
     """Sequential (GPU path: subprocess per trial) and parallel: a signal to the runner reaches the trials, they
     exit 75, no further trial starts and the error names the stopped trials and says how to resume."""
     out = tmp_path / "run"
-    monkeypatch.setattr(voc, "trial_argv", lambda folder, root, seed, gpus: [sys.executable, "-c", STAND_IN,
-                                                                              str(folder)])
-    options = voc.VocOptions(checkpoint=tmp_path / "c.pth", voc_root=tmp_path, output=out, trials=3,
-                             gpus=parallel, parallel_trials=parallel)
-    todo = [(k, k, out / f"trial_{k}", voc.TrialState.NEW) for k in range(3)]
+    monkeypatch.setattr(runner, "trial_argv", lambda folder, root, seed, gpus, benchmark: [
+        sys.executable, "-c", STAND_IN, str(folder)])
+    options = runner.DetectionOptions(checkpoint=tmp_path / "c.pth", data_root=tmp_path, output=out, trials=3,
+                                      gpus=parallel, parallel_trials=parallel)
+    todo = [(k, k, out / f"trial_{k}", runner.TrialState.NEW) for k in range(3)]
     prep = SimpleNamespace(groups=[[str(i)] for i in range(parallel)])
     book = _Book()
     book.plan = [(k, 30) for k in range(3)]
-    run = voc._run_sequential if parallel == 1 else voc._run_parallel
+    run = runner._run_sequential if parallel == 1 else runner._run_parallel
     with StopRequest() as stop:
         t = _signal_self_when([out / f"trial_{k}" / "ready" for k in range(parallel)])
-        with pytest.raises(voc.VocStopped) as err:
+        with pytest.raises(runner.RunStopped) as err:
             run(todo, prep, options, book, lambda line: None, stop)
         t.join()
     assert err.value.exit_code == EXIT_STOPPED
@@ -129,9 +129,9 @@ def test_runner_stops_on_a_trial_that_exits_75(tmp_path, monkeypatch, parallel):
 
 def test_cli_exits_75_with_the_message(tmp_path, monkeypatch):
     def stopped(options, echo):
-        raise voc.VocStopped("trial 1/5 (seed 0) stopped by SIGTERM; run the same command again to resume.")
+        raise runner.RunStopped("trial 1/5 (seed 0) stopped by SIGTERM; run the same command again to resume.")
 
-    monkeypatch.setattr(voc, "run_voc", stopped)
+    monkeypatch.setattr(runner, "run_detection", stopped)
     from moco_transfer.cli import main
 
     res = CliRunner().invoke(main, ["eval", "voc", str(tmp_path / "c.pth"), "--voc-root", str(tmp_path)])
@@ -142,7 +142,7 @@ def test_cli_exits_75_with_the_message(tmp_path, monkeypatch):
 def _agree_rank(rank: int, url: str, out: str) -> None:
     import torch.distributed as dist
 
-    from moco_transfer.eval.voc_train import agree_to_stop
+    from moco_transfer.eval.detection.train import agree_to_stop
 
     dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2)
     votes = [agree_to_stop(rank == 1), agree_to_stop(False), agree_to_stop(True)]
@@ -154,7 +154,7 @@ def test_ranks_agree_on_a_stop_only_one_of_them_received(tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
     import torch.multiprocessing as mp
 
-    from moco_transfer.eval.voc_schedule import PortBook
+    from moco_transfer.eval.detection.schedule import PortBook
 
     mp.start_processes(_agree_rank, args=(PortBook().take(0), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in (0, 1):
@@ -209,17 +209,18 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(moco_checkpoint
     assert not (out / "trial_1" / "segments.json").exists()  # trial 2 never started (its folder is prepared)
     assert json.loads((out / "summary.json").read_text())["trials_finished"] == 0
 
-    # The trial process of the GPU path (`voc_train`), signalled itself, on the prepared second trial: exit 75.
+    # The trial process of the GPU path (`detection.train`), signalled itself, on the prepared second trial: exit 75.
     second = out / "trial_1"
     with open(tmp_path / "log_t1", "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "moco_transfer.eval.voc_train", str(second / "config.yaml"),
-                                 str(voc_root), "1", "--gpus", "0"], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "moco_transfer.eval.detection.train",
+                                 str(second / "config.yaml"), str(voc_root), "1", "--gpus", "0"], stdout=f,
+                                stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
         kill_while_training(proc, second)
         assert proc.wait(timeout=600) == EXIT_STOPPED, (tmp_path / "log_t1").read_text()
     done1 = json.loads((second / STOPPED_FILE).read_text())["iteration"]
     assert (second / "last_checkpoint").read_text().strip() == f"model_{done1 - 1:07d}.pth"
-    assert "voc_train: stopped by SIGTERM after iteration" in (tmp_path / "log_t1").read_text()
+    assert "detection.train: stopped by SIGTERM after iteration" in (tmp_path / "log_t1").read_text()
 
     code = _moco_eval_voc(args, tmp_path / "log2")  # the same command
     text = (tmp_path / "log2").read_text()

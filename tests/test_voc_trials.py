@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from moco_transfer.eval.gpu_scaling import scale_to_gpus
-from moco_transfer.eval.voc_layout import VocLayoutError, check_voc_root, our_name, voc_names
-from moco_transfer.eval.voc_trials import (
+from moco_transfer.eval.detection.gpu_scaling import scale_to_gpus
+from moco_transfer.eval.detection.layouts import LayoutError, check_voc_root, our_name, voc_names
+from moco_transfer.eval.detection.trials import (
     RUN_VERSION,
     Monitor,
     RunBook,
@@ -208,13 +208,13 @@ def test_voc_layout_errors_name_what_is_missing(tmp_path):
     (tmp_path / "VOC2007" / "ImageSets" / "Main" / "test.txt").unlink()
     first = sorted((tmp_path / "VOC2012" / "Annotations").iterdir())[0]
     first.unlink()
-    with pytest.raises(VocLayoutError) as info:
+    with pytest.raises(LayoutError) as info:
         check_voc_root(tmp_path, names)
     msg = str(info.value)
     assert "voc_2007_test: missing split file" in msg and "test.txt" in msg
     assert "voc_2012_trainval: 1 of 2 ids" in msg and first.stem in msg
     assert "DIR/VOC2012/Annotations/*.xml" in msg  # the expected layout is spelled out
-    with pytest.raises(VocLayoutError, match="not a folder"):
+    with pytest.raises(LayoutError, match="not a folder"):
         check_voc_root(tmp_path / "nowhere", names)
 
 

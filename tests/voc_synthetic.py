@@ -127,13 +127,13 @@ def _rendezvous_rank(rank: int, url: str, world: int, out: str) -> None:
 
 
 def rendezvous_trial(out: str, world: int = 2) -> None:
-    """A trial process of `world` ranks that rendezvous at $MOCO_VOC_DIST_URL, as detectron2's launch makes them
+    """A trial process of `world` ranks that rendezvous at $MOCO_TRIAL_DIST_URL, as detectron2's launch makes them
     (spawned processes, init_process_group at the URL); this process is rank 0, to start one interpreter less."""
     import os
 
     import torch.multiprocessing as mp
 
-    from moco_transfer.eval.voc_schedule import DIST_URL_ENV
+    from moco_transfer.eval.detection.schedule import DIST_URL_ENV
 
     Path(out).mkdir(parents=True, exist_ok=True)
     url = os.environ[DIST_URL_ENV]

@@ -1,4 +1,4 @@
-"""Running VOC trials side by side: GPU groups, the subprocess pool, remaining iterations, projected time.
+"""Running detection trials side by side: GPU groups, the subprocess pool, remaining iterations, projected time.
 
 No detectron2. With G GPUs and `--parallel-trials P`, the GPUs are cut into P equal groups and each group runs
 one trial at a time as its own subprocess (its own CUDA_VISIBLE_DEVICES), taking the next unfinished trial when
@@ -23,8 +23,8 @@ from moco_transfer.signals import EXIT_STOPPED, StopRequest
 
 STOP_DEATHS = (-signal.SIGTERM, -signal.SIGUSR1)  # return codes of a trial the signal ended before its handler
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pth")
-# How a trial process (`voc_train`) gets its rendezvous address from the parent that chose it.
-DIST_URL_ENV = "MOCO_VOC_DIST_URL"
+# How a trial process (`detection.train`) gets its rendezvous address from the parent that chose it.
+DIST_URL_ENV = "MOCO_TRIAL_DIST_URL"
 
 
 def visible_devices(env: Mapping[str, str], device_count: int) -> list[str]:

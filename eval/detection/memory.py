@@ -1,6 +1,6 @@
-"""Does a VOC trial fit in GPU memory, and if not, what does? The decision and its message. No detectron2, no GPU.
+"""Does a detection trial fit in GPU memory, and if not, what does? The decision and its message. No detectron2, no GPU.
 
-The numbers come from probe iterations (`voc_probe`): real forward, backward and optimizer steps of the trial's
+The numbers come from probe iterations (`probe`): real forward, backward and optimizer steps of the trial's
 model at the largest input the training resize can produce (and a smaller one), in a chosen precision and number
 of images per GPU, read as the caching allocator's peak reserved memory plus the memory outside it. Memory grows
 with the images per GPU and halves roughly with fp16 activations, but the constant part (weights, gradients,
@@ -41,7 +41,8 @@ ALLOCATION_MARKERS = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
 # multi-scale iterations by the GPU check (tests/test_cuda_voc.py); this margin is on top of that.
 HEADROOM_FRACTION = 0.06
 # Measured with `moco eval voc --gpus 1` on one H100 80 GB (torch 2.11, R50-C4, synthetic VOC 400-500 px images),
-# keyed by (images per GPU, AMP). The fp32 16-image run died at iteration 14 with 74.7 GB in use.
+# keyed by (images per GPU, AMP). The fp32 16-image run died at iteration 14 with 74.7 GB in use. Shown only for
+# trials of that model (TrialShape.reference_timings): a COCO Mask R-CNN iteration is another measurement.
 REFERENCE_DEVICE = "one H100 80 GB"
 REFERENCE_S_PER_ITER: dict[tuple[int, bool], float] = {(16, False): 1.09, (16, True): 0.77, (8, False): 0.50}
 
@@ -149,6 +150,7 @@ class TrialShape:
     max_ims_per_gpu: int = 4
     parallel_trials: int = 1
     visible_gpus: int | None = None
+    reference_timings: bool = True  # REFERENCE_S_PER_ITER (VOC R50-C4) applies to this trial's model
 
     @property
     def devices(self) -> int:
@@ -171,6 +173,7 @@ class Option:
     max_iter: int
     peak: int | None = None
     fits: bool | None = None  # None: not measured
+    timed: bool = True  # the reference s/iter applies (see TrialShape.reference_timings)
 
     def line(self, usable: int) -> str:
         if self.fits is None:
@@ -179,7 +182,7 @@ class Option:
             measured = "ran out of memory in the probe"
         else:
             measured = f"needs {self.peak / GIB:.1f} GiB" + ("" if self.fits else f" (> {usable / GIB:.1f} usable)")
-        ref = REFERENCE_S_PER_ITER.get((self.setting.ims_per_gpu, self.setting.amp))
+        ref = REFERENCE_S_PER_ITER.get((self.setting.ims_per_gpu, self.setting.amp)) if self.timed else None
         if ref is None:
             cost = ""
         elif self.kind == "gpus":  # the reference is one GPU with that many images; several add communication
@@ -311,6 +314,13 @@ def probe_sizes(min_size_train: Sequence[int], max_size_train: int, aspect_group
 
 def candidate_options(shape: TrialShape) -> list[Option]:
     """The changes that reduce memory per GPU, cheapest first: --amp, more GPUs per trial, --scale-to-gpus."""
+    out = _candidate_options(shape)
+    for opt in out:
+        opt.timed = shape.reference_timings
+    return out
+
+
+def _candidate_options(shape: TrialShape) -> list[Option]:
     g, ims, out = shape.devices, shape.ims_per_batch, []
     unchanged = f"Schedule unchanged ({ims} images per batch, BASE_LR {shape.base_lr:g}, {shape.max_iter} iterations)"
     if not shape.amp:

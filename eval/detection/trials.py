@@ -1,4 +1,4 @@
-"""Bookkeeping of repeated VOC fine-tuning trials: folders, seeds, states, metrics, the summary. No detectron2.
+"""Bookkeeping of repeated detection fine-tuning trials: folders, seeds, states, metrics, the summary. No detectron2.
 
 Layout of an output folder:
   run.json              what the trials were run with (checkpoint and training-target fingerprints, the target
@@ -8,16 +8,18 @@ Layout of an output folder:
   trial_<k>/progress.json  iteration, timed s/iter and peak memory, rewritten by the trial while it trains
   trial_<k>/oom_rank<r>.json  written by rank r when it ran out of GPU memory
   trial_<k>/metrics.json  written once the trial's evaluation is done: the trial is finished
-  summary.json, summary.md  per-trial AP/AP50/AP75 with mean and sample std, rewritten after every trial
+  summary.json, summary.md  per-trial metrics with mean and sample std, rewritten after every trial
 
-Only the process that runs a trial writes in its trial folder, and only the parent `moco eval voc` process
+What metrics.json and summary.json hold depends on the benchmark (VOC: AP, AP50, AP75 at the top level; COCO:
+"bbox" and "segm" with AP, AP50, AP75, APs, APm, APl each): `benchmarks` describes both layouts.
+
+Only the process that runs a trial writes in its trial folder, and only the parent `moco eval voc|coco` process
 writes run.json and the summaries, so trials running side by side never write the same file.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -32,7 +34,8 @@ from typing import Any
 
 from moco_transfer.fileio import atomic_open, write_json_atomic
 
-from .voc_schedule import Projection
+from .benchmarks import VOC, Benchmark
+from .schedule import Projection
 
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
@@ -43,7 +46,7 @@ RUN_VERSION = 2
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SUPERSEDED = "superseded"
-METRIC_KEYS = ("AP", "AP50", "AP75")
+METRIC_KEYS = VOC.metric_keys  # VOC's, at the top level of its metrics.json and summary rows
 TRIAL_NAME = re.compile(r"trial_(\d+)")
 
 
@@ -66,9 +69,9 @@ def trial_seed(base_seed: int, k: int) -> int:
     return base_seed + k
 
 
-def trial_state(folder: str | os.PathLike) -> TrialState:
+def trial_state(folder: str | os.PathLike, benchmark: Benchmark = VOC) -> TrialState:
     folder = Path(folder)
-    if read_metrics(folder) is not None:
+    if read_metrics(folder, benchmark) is not None:
         return TrialState.FINISHED
     if (folder / "last_checkpoint").is_file():
         return TrialState.INTERRUPTED
@@ -80,52 +83,55 @@ def _write_text_atomic(text: str, path: Path) -> None:
         f.write(text)
 
 
-def _finite(x: Any) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def write_metrics(folder: str | os.PathLike, bbox: dict[str, float], seed: int, **extra: Any) -> dict[str, Any]:
-    """Record a finished trial: AP, AP50, AP75 (percent, as PascalVOCDetectionEvaluator reports them)."""
-    missing = [k for k in METRIC_KEYS if k not in bbox]
-    if missing:
-        raise ValueError(f"evaluation result lacks {missing}; got {sorted(bbox)}")
-    record = {k: _finite(bbox[k]) for k in METRIC_KEYS} | {"seed": seed} | extra
+def write_metrics(folder: str | os.PathLike, metrics: dict[str, Any], seed: int, benchmark: Benchmark = VOC,
+                  **extra: Any) -> dict[str, Any]:
+    """Record a finished trial: `metrics` in the benchmark's stored layout (`Benchmark.record` makes it from an
+    evaluator's result); percent, non-finite values as null. ValueError when a metric is missing."""
+    values = benchmark.values(metrics)
+    if values is None:
+        raise ValueError(f"evaluation result lacks some of {benchmark.name}'s metrics "
+                         f"{list(benchmark.tasks) if not benchmark.flat else ''}{list(benchmark.metric_keys)}; "
+                         f"got {sorted(metrics)}")
+    record = benchmark.record(values) | {"seed": seed} | extra
     write_json_atomic(record, Path(folder) / METRICS_FILE)
     return record
 
 
-def read_metrics(folder: str | os.PathLike) -> dict[str, Any] | None:
+def read_metrics(folder: str | os.PathLike, benchmark: Benchmark = VOC) -> dict[str, Any] | None:
     """The metrics of a finished trial, or None (absent, or unreadable: then the trial is redone)."""
     path = Path(folder) / METRICS_FILE
     try:
         record = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if not isinstance(record, dict) or any(k not in record for k in METRIC_KEYS):
+    if not isinstance(record, dict) or benchmark.values(record) is None:
         return None
     return record
 
 
-def summarize(out_dir: str | os.PathLike, trials: int, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(out_dir: str | os.PathLike, trials: int, info: dict[str, Any] | None = None,
+              benchmark: Benchmark = VOC) -> dict[str, Any]:
     """Collect finished trials 0..trials-1, compute mean and sample std, write summary.json and summary.md."""
     out_dir = Path(out_dir)
-    rows = []
+    rows, per_trial = [], []
     for k in range(trials):
-        m = read_metrics(trial_dir(out_dir, k))
+        m = read_metrics(trial_dir(out_dir, k), benchmark)
         if m is not None:
-            rows.append({"trial": k, "seed": m.get("seed"), **{key: m[key] for key in METRIC_KEYS},
-                         "precision": precision_of(m)})
-    mean: dict[str, float | None] = {}
-    std: dict[str, float | None] = {}
-    for key in METRIC_KEYS:
-        values = [r[key] for r in rows if r[key] is not None]
-        mean[key] = statistics.fmean(values) if values else None
-        std[key] = statistics.stdev(values) if len(values) > 1 else None
-    summary = {"trials_requested": trials, "trials_finished": len(rows), "trials": rows, "mean": mean, "std": std,
-               **(info or {})}
+            values = benchmark.values(m)
+            per_trial.append(values)
+            rows.append({"trial": k, "seed": m.get("seed"), **benchmark.pack(values), "precision": precision_of(m)})
+    mean: dict[str, dict[str, float | None]] = {}
+    std: dict[str, dict[str, float | None]] = {}
+    for task in benchmark.tasks:
+        mean[task], std[task] = {}, {}
+        for key in benchmark.metric_keys:
+            got = [v[task][key] for v in per_trial if v[task][key] is not None]
+            mean[task][key] = statistics.fmean(got) if got else None
+            std[task][key] = statistics.stdev(got) if len(got) > 1 else None
+    summary = {"benchmark": benchmark.name, "trials_requested": trials, "trials_finished": len(rows), "trials": rows,
+               "mean": benchmark.pack(mean), "std": benchmark.pack(std), **(info or {})}
     write_json_atomic(summary, out_dir / SUMMARY_JSON)
-    _write_text_atomic(summary_markdown(summary), out_dir / SUMMARY_MD)
+    _write_text_atomic(summary_markdown(summary, benchmark), out_dir / SUMMARY_MD)
     return summary
 
 
@@ -133,14 +139,20 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"VOC07 test detection, {summary['trials_finished']} of {summary['trials_requested']} trials finished",
-             "", "| trial | seed | AP | AP50 | AP75 | precision |", "|---|---|---|---|---|---|"]
+def summary_markdown(summary: dict[str, Any], benchmark: Benchmark = VOC) -> str:
+    columns = benchmark.columns()
+
+    def cells(record: dict[str, Any]) -> str:
+        values = benchmark.values(record) or {}
+        return " | ".join(_fmt(values.get(task, {}).get(key)) for task, key, _ in columns)
+
+    lines = [f"{benchmark.title}, {summary['trials_finished']} of {summary['trials_requested']} trials finished", "",
+             "| trial | seed | " + " | ".join(h for _, _, h in columns) + " | precision |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
     for r in summary["trials"]:
-        lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(_fmt(r[k]) for k in METRIC_KEYS)
-                     + f" | {r.get('precision') or '-'} |")
-    lines.append("| mean | | " + " | ".join(_fmt(summary["mean"][k]) for k in METRIC_KEYS) + " | |")
-    lines.append("| std | | " + " | ".join(_fmt(summary["std"][k]) for k in METRIC_KEYS) + " | |")
+        lines.append(f"| {r['trial']} | {r['seed']} | {cells(r)} | {r.get('precision') or '-'} |")
+    lines.append(f"| mean | | {cells(summary['mean'])} | |")
+    lines.append(f"| std | | {cells(summary['std'])} | |")
     lines.append("")
     lines.append("std is the sample standard deviation over finished trials.")
     return "\n".join(lines) + "\n"
@@ -166,11 +178,10 @@ def precision_of(metrics: dict[str, Any]) -> str | None:
     return ", then ".join(f"{n} from it. {st}" if i else n for i, (n, st) in enumerate(merged))
 
 
-def format_trial_line(k: int, trials: int, m: dict[str, Any]) -> str:
+def format_trial_line(k: int, trials: int, m: dict[str, Any], benchmark: Benchmark = VOC) -> str:
     """The line printed (and kept in run.json) when a trial finishes."""
-    vals = " ".join(f"{key} {'-' if m.get(key) is None else format(m[key], '.2f')}" for key in ("AP50", "AP", "AP75"))
     prec = precision_of(m)
-    return f"trial {k + 1}/{trials} (seed {m.get('seed')}): {vals}" + (f" [{prec}]" if prec else "")
+    return f"trial {k + 1}/{trials} (seed {m.get('seed')}): {benchmark.format(m)}" + (f" [{prec}]" if prec else "")
 
 
 # --- the run record ------------------------------------------------------------------------------------------
@@ -187,29 +198,29 @@ def read_run(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def update_run(out_dir: str | os.PathLike, **sections: Any) -> dict[str, Any]:
-    """Read run.json, set the given top-level sections, write it back atomically (parent process only)."""
+def update_run(out_dir: str | os.PathLike, edit: Callable[[dict[str, Any]], None] | None = None,
+               **sections: Any) -> dict[str, Any]:
+    """Read run.json once, set the given top-level sections and apply `edit`, write it back atomically (parent
+    process only)."""
     record = read_run(out_dir) or {}
     record.update(sections)
+    if edit is not None:
+        edit(record)
     write_json_atomic(record, Path(out_dir) / RUN_FILE)
     return record
 
 
-def folder_progress(out_dir: str | os.PathLike) -> tuple[list[int], list[int]]:
-    """Indices of the finished and of the interrupted (checkpointed) trials in an output folder."""
-    finished, interrupted = [], []
+def folder_states(out_dir: str | os.PathLike, benchmark: Benchmark = VOC) -> dict[int, TrialState]:
+    """The state of every trial_<k> folder of an output folder (a trial without a folder is NEW)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        return finished, interrupted
-    for p in sorted(out_dir.iterdir()):
+        return {}
+    states = {}
+    for p in out_dir.iterdir():
         m = TRIAL_NAME.fullmatch(p.name)
         if m and p.is_dir():
-            state = trial_state(p)
-            if state is TrialState.FINISHED:
-                finished.append(int(m.group(1)))
-            elif state is TrialState.INTERRUPTED:
-                interrupted.append(int(m.group(1)))
-    return sorted(finished), sorted(interrupted)
+            states[int(m.group(1))] = trial_state(p, benchmark)
+    return dict(sorted(states.items()))
 
 
 def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
@@ -244,23 +255,35 @@ class RunCheck:
 
     recorded: bool  # the folder has a run.json
     differences: list[str] = field(default_factory=list)
-    finished: list[int] = field(default_factory=list)
-    interrupted: list[int] = field(default_factory=list)
+    states: dict[int, TrialState] = field(default_factory=dict)  # every trial folder's, read once per run
     same_checkpoint: bool = False
+    record: dict[str, Any] = field(default_factory=dict)  # run.json as read (empty when absent)
+
+    def state(self, k: int) -> TrialState:
+        return self.states.get(k, TrialState.NEW)
+
+    @property
+    def finished(self) -> list[int]:
+        return [k for k, s in self.states.items() if s is TrialState.FINISHED]
+
+    @property
+    def interrupted(self) -> list[int]:
+        return [k for k, s in self.states.items() if s is TrialState.INTERRUPTED]
 
     @property
     def has_progress(self) -> bool:
         return bool(self.finished or self.interrupted)
 
 
-def inspect_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> RunCheck:
-    """Compare `fingerprint` with the folder's run.json and list its finished and interrupted trials."""
+def inspect_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any], benchmark: Benchmark = VOC) -> RunCheck:
+    """Compare `fingerprint` with the folder's run.json and take the state of its trials: the run's one reading of
+    both (the runner keeps the record and the states from here)."""
     old = read_run(out_dir)
-    finished, interrupted = folder_progress(out_dir)
+    states = folder_states(out_dir, benchmark)
     if old is None:
-        return RunCheck(False, [], finished, interrupted, False)
-    return RunCheck(True, fingerprint_differences(old, fingerprint), finished, interrupted,
-                    old.get("checkpoint_sha256") == fingerprint.get("checkpoint_sha256"))
+        return RunCheck(False, [], states, False, {})
+    return RunCheck(True, fingerprint_differences(old, fingerprint), states,
+                    old.get("checkpoint_sha256") == fingerprint.get("checkpoint_sha256"), old)
 
 
 def mismatch_message(out_dir: str | os.PathLike, check: RunCheck) -> str:
@@ -332,8 +355,9 @@ class RunBook:
     """
 
     def __init__(self, out_dir: Path, trials: int, info: dict[str, Any], echo: Callable[[str], None],
-                 parallel: int = 1) -> None:
+                 parallel: int = 1, benchmark: Benchmark = VOC) -> None:
         self.out_dir, self.trials, self.info, self.echo, self.parallel = Path(out_dir), trials, info, echo, parallel
+        self.benchmark = benchmark
         self.lock = threading.Lock()
         self.plan: list[tuple[int, int]] = []  # (trial, remaining iterations) in run order
         self.running: set[int] = set()
@@ -341,7 +365,7 @@ class RunBook:
 
     def summarize(self) -> dict[str, Any]:
         with self.lock:
-            return summarize(self.out_dir, self.trials, self.info)
+            return summarize(self.out_dir, self.trials, self.info, self.benchmark)
 
     def started(self, k: int) -> None:
         with self.lock:
@@ -351,17 +375,19 @@ class RunBook:
         """Book a trial whose process ended: its line if it has metrics, and the summaries. Returns the metrics."""
         with self.lock:
             self.running.discard(k)
-            m = read_metrics(trial_dir(self.out_dir, k))
+            bm = self.benchmark
+            m = read_metrics(trial_dir(self.out_dir, k), bm)
             if m is None:
                 return None
-            line = format_trial_line(k, self.trials, m)
-            record = read_run(self.out_dir) or {}
-            lines = dict(record.get("trial_lines") or {})
-            lines[str(k)] = {"line": line, **{key: m.get(key) for key in ("seed", *METRIC_KEYS)},
-                             "precision": precision_of(m), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                       time.gmtime())}
-            update_run(self.out_dir, trial_lines=lines)
-            summarize(self.out_dir, self.trials, self.info)
+            line = format_trial_line(k, self.trials, m, bm)
+            entry = {"line": line, "seed": m.get("seed"), **bm.pack(bm.values(m)), "precision": precision_of(m),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+            def add_line(record: dict[str, Any]) -> None:
+                record["trial_lines"] = {**(record.get("trial_lines") or {}), str(k): entry}
+
+            update_run(self.out_dir, add_line)
+            summarize(self.out_dir, self.trials, self.info, bm)
         self.echo(f"{line} -> {self.out_dir / SUMMARY_MD}")
         return m
 
@@ -393,7 +419,7 @@ class Monitor:
     def __init__(self, book: RunBook, every_s: float = 2.0) -> None:
         self.book, self.every_s = book, every_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="voc-monitor", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="trial-monitor", daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

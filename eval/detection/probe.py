@@ -4,16 +4,16 @@ For each setting (images per GPU, precision) the probe
 - warms up: it runs iterations at the largest input until the gradient scaler has let one optimizer step through
   (a fresh GradScaler starts at scale 65536 and skips `optimizer.step` while fp16 gradients overflow), and checks
   that the optimizer then holds its state (SGD momentum buffers: the size of the weights again);
-- measures one iteration at each probe size (`voc_memory.probe_sizes`: the largest padded input, then the one of
+- measures one iteration at each probe size (`memory.probe_sizes`: the largest padded input, then the one of
   the smallest short side, then the largest again), keeping the caching allocator's blocks between them as
   training does, and takes the largest peak of reserved bytes;
 - adds the memory outside the allocator that the iterations brought (cuDNN/cuBLAS handles, loaded kernels):
   (total - free) - reserved after the steps, minus the same reading before the model was built.
-An allocation failure of any library (`voc_memory.allocation_failure`) means "does not fit"; any other error
-stops the probe with its message (ProbeError). The decision is `voc_memory.plan_memory`, against the tightest
+An allocation failure of any library (`memory.allocation_failure`) means "does not fit"; any other error
+stops the probe with its message (ProbeError). The decision is `memory.plan_memory`, against the tightest
 of every GPU the run uses.
 
-It runs as `python -m moco_transfer.eval.voc_probe` in a process of its own, so that all it allocates, its CUDA
+It runs as `python -m moco_transfer.eval.detection.probe` in a process of its own, so that all it allocates, its CUDA
 context included, is returned before the trials start. The last line of its output is the plan as JSON.
 """
 
@@ -32,7 +32,8 @@ import torch
 
 from moco_transfer.detectron2_ext import register
 
-from .voc_memory import (
+from .benchmarks import get_benchmark
+from .memory import (
     GpuMemory,
     MemoryPlan,
     Setting,
@@ -43,7 +44,6 @@ from .voc_memory import (
     plan_memory,
     probe_sizes,
 )
-from .voc_train import register_voc
 
 RESULT_MARK = "MOCO_PROBE_RESULT "
 # Skipped steps the warm-up allows: each halves the scale, 65536 -> 2**-8 after 24; a scaler that still finds
@@ -209,7 +209,7 @@ def read_gpus(ids: Sequence[str]) -> list[GpuMemory]:
     cudaMemGetInfo reports the whole device, other processes included (torch.cuda.memory_reserved is this
     process's alone, pytorch#103243). It creates a context on the device it reads (pytorch#103584, #86493: several
     hundred MB that stay until the process ends): harmless here, in a process that exits before training, and the
-    reason a GPU is called busy only above voc_memory.BUSY_BYTES. Each read runs under that device's guard (an old
+    reason a GPU is called busy only above memory.BUSY_BYTES. Each read runs under that device's guard (an old
     torch read the current device whatever index was passed, pytorch#76224). Under a memory fraction the allocator
     cannot reserve more than fraction x total (the cap covers only the allocator, pytorch#58466, so counting the
     memory outside it against the capped free memory errs on the safe side).
@@ -226,15 +226,15 @@ def read_gpus(ids: Sequence[str]) -> list[GpuMemory]:
     return out
 
 
-def run_probe(cfg_file: str, voc_root: str, shape: TrialShape, failed_at: str | None = None,
-              failed_peak: int | None = None, gpu_ids: Sequence[str] = ()) -> MemoryPlan:
+def run_probe(cfg_file: str, data_root: str, shape: TrialShape, failed_at: str | None = None,
+              failed_peak: int | None = None, gpu_ids: Sequence[str] = (), benchmark: str = "voc") -> MemoryPlan:
     """The plan for `shape`: measured on the visible GPU with the most free memory, checked against the tightest."""
     from detectron2.config import get_cfg
 
     register()
     cfg = get_cfg()
     cfg.merge_from_file(cfg_file)
-    register_voc(voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    get_benchmark(benchmark).register(data_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     apply_memory_fraction()
     gpus = read_gpus(gpu_ids)
     roomiest = max(range(len(gpus)), key=lambda i: gpus[i].free)
@@ -249,14 +249,15 @@ def run_probe(cfg_file: str, voc_root: str, shape: TrialShape, failed_at: str | 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the plan as the last line (RESULT_MARK + JSON): a plan, {"skipped": why} or {"error": message}."""
-    ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.voc_probe",
-                                 description="Memory pre-flight of a VOC trial on the visible GPUs.")
+    ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.detection.probe",
+                                 description="Memory pre-flight of a detection trial on the visible GPUs.")
     ap.add_argument("config")
-    ap.add_argument("voc_root")
+    ap.add_argument("data_root", help="the dataset root (--voc-root, --coco-root)")
     ap.add_argument("--shape", required=True, help="TrialShape fields as JSON")
     ap.add_argument("--failed-at", default=None)
     ap.add_argument("--failed-peak", type=int, default=None)
     ap.add_argument("--gpu-ids", default="", help="the run's names of the visible GPUs, comma-separated")
+    ap.add_argument("--benchmark", default="voc", help="whose datasets to register (voc, coco)")
     args = ap.parse_args(argv)
     fields = json.loads(args.shape)
     fields["steps"] = tuple(fields["steps"])
@@ -265,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(RESULT_MARK + json.dumps({"skipped": "no CUDA device visible"}))
         return 0
     try:
-        plan = run_probe(args.config, str(Path(args.voc_root)), shape, args.failed_at, args.failed_peak,
-                         [x for x in args.gpu_ids.split(",") if x])
+        plan = run_probe(args.config, str(Path(args.data_root)), shape, args.failed_at, args.failed_peak,
+                         [x for x in args.gpu_ids.split(",") if x], args.benchmark)
     except Exception as exc:  # reported by the parent as a plain message; the traceback stays on stderr
         import traceback
 

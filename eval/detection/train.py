@@ -1,11 +1,13 @@
-"""One VOC fine-tuning trial, in every process that trains: the trainer, its progress file, out-of-memory capture.
+"""One detection fine-tuning trial, in every process that trains: the trainer, progress file, out-of-memory capture.
 
-Entry points: `run_trial` (through detectron2's `launch`, in the `moco eval voc` process or spawned per GPU) and
-`python -m moco_transfer.eval.voc_train CONFIG VOC_ROOT SEED --gpus N` (one trial as a subprocess, used by
-`--parallel-trials`). Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that
-runs out of GPU memory writes oom_rank<r>.json, from which the parent builds its message. SIGTERM or SIGUSR1
-ends training after the iteration in progress (every rank at the same one) with a detectron2 checkpoint that
-`last_checkpoint` names, so running the trial again resumes from the next iteration; exit code 75.
+Entry points: `run_trial` (through detectron2's `launch`, in the `moco eval voc|coco` process or spawned per GPU)
+and `python -m moco_transfer.eval.detection.train CONFIG DATA_ROOT SEED --gpus N --benchmark voc|coco` (one trial
+as a subprocess: every trial on GPUs, and every trial under `--parallel-trials`). The benchmark's spec
+(`benchmarks`) registers its datasets at DATA_ROOT and builds its evaluator; the rest is the same for all.
+Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that runs out of GPU
+memory writes oom_rank<r>.json, from which the parent builds its message. SIGTERM or SIGUSR1 ends training after
+the iteration in progress (every rank at the same one) with a detectron2 checkpoint that `last_checkpoint`
+names, so running the trial again resumes from the next iteration; exit code 75.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from moco_transfer.detectron2_ext import register
 from moco_transfer.fileio import write_json_atomic
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest
 
-from .voc_layout import VOC_SPLITS, our_name, voc_names
-from .voc_memory import allocation_failure, apply_memory_fraction, is_out_of_memory
-from .voc_schedule import DIST_URL_ENV
-from .voc_trials import OOM_GLOB, PROGRESS_FILE, STOPPED_FILE, write_metrics
+from .benchmarks import VOC, Benchmark, get_benchmark
+from .memory import allocation_failure, apply_memory_fraction, is_out_of_memory
+from .schedule import DIST_URL_ENV
+from .trials import OOM_GLOB, PROGRESS_FILE, STOPPED_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
 TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)
@@ -82,27 +84,6 @@ def agree_to_stop(requested: bool) -> bool:
     return bool(flag.item())
 
 
-def register_voc(voc_root: str | os.PathLike, names: Sequence[str]) -> list[str]:
-    """Register `moco_<name>` for each builtin VOC name in `names`, rooted at `voc_root`; idempotent."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_pascal_voc
-
-    done = []
-    for name in voc_names(names):
-        folder, split, year = VOC_SPLITS[name]
-        ours, dirname = our_name(name), str((Path(voc_root) / folder).resolve())
-        if ours in DatasetCatalog.list():
-            if getattr(MetadataCatalog.get(ours), "dirname", None) == dirname:
-                done.append(ours)
-                continue
-            DatasetCatalog.remove(ours)
-            MetadataCatalog.remove(ours)
-        register_pascal_voc(ours, dirname, split, year)
-        MetadataCatalog.get(ours).evaluator_type = "pascal_voc"
-        done.append(ours)
-    return done
-
-
 def timing_window(start_iter: int, max_iter: int, warmup: int = WARMUP_ITERS, timed: int = TIMED_ITERS
                   ) -> tuple[int, int]:
     """Iterations [a, b) whose wall time gives s/iter: after `warmup` untimed ones, shrunk for short runs."""
@@ -131,10 +112,10 @@ def start_memory_stats() -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
-def trainer_class(stop: StopRequest | None = None) -> type:
-    """The detectron2 trainer of a VOC trial (built lazily: detectron2 is optional); `stop` adds the StopHook."""
+def trainer_class(stop: StopRequest | None = None, benchmark: Benchmark = VOC) -> type:
+    """The detectron2 trainer of a trial (built lazily: detectron2 is optional); `stop` adds the StopHook; the
+    benchmark gives the evaluator."""
     from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
-    from detectron2.evaluation import PascalVOCDetectionEvaluator
     from detectron2.utils import comm
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
@@ -198,11 +179,11 @@ def trainer_class(stop: StopRequest | None = None) -> type:
             raise StoppedBySignal(f"stopped by {why} after iteration {it + 1} of {self.trainer.max_iter}; "
                                   f"checkpoint {folder / name}.pth")
 
-    class VocTrainer(DefaultTrainer):
+    class TrialTrainer(DefaultTrainer):
 
         @classmethod
         def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
-            return PascalVOCDetectionEvaluator(dataset_name)
+            return benchmark.evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
         def build_writers(self) -> list[Any]:
             """Console and JSON lines; TensorBoard events only where tensorboard is installed (not a dependency)."""
@@ -232,7 +213,7 @@ def trainer_class(stop: StopRequest | None = None) -> type:
                 return
             super().load_state_dict(state_dict)
 
-    return VocTrainer
+    return TrialTrainer
 
 
 class _HideOomTraceback(logging.Filter):
@@ -277,7 +258,7 @@ def _oom_record(cfg: Any, rank: int, world: int, iteration: int | None, exc: Bas
     return rec
 
 
-def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
+def run_trial(cfg_file: str, data_root: str, seed: int, benchmark: str = "voc") -> None:
     """Train and evaluate one trial from its saved config; rank 0 writes metrics.json. Entry point of `launch`.
 
     An out-of-memory error is recorded in oom_rank<r>.json, the memory released, and TrialOutOfMemory raised:
@@ -293,7 +274,8 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
     cfg = get_cfg()
     cfg.merge_from_file(cfg_file)
     cfg.freeze()
-    register_voc(voc_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    bench = get_benchmark(benchmark)
+    bench.register(data_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     rank, world = comm.get_rank(), comm.get_world_size()
     folder = Path(cfg.OUTPUT_DIR)
     logger = setup_logger(distributed_rank=rank, name="detectron2")
@@ -316,7 +298,7 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
         seed_all_rng(seed + rank)
         start_memory_stats()
         try:
-            trainer = trainer_class(stop)(cfg)
+            trainer = trainer_class(stop, bench)(cfg)
             trainer.resume_or_load(resume=True)
             start_iter = trainer.start_iter
             segments = _update_segments(folder, start_iter, cfg, world) if rank == 0 else []
@@ -325,14 +307,15 @@ def run_trial(cfg_file: str, voc_root: str, seed: int) -> None:
                 results = trainer._last_eval_results
             else:
                 results = trainer.test(cfg, trainer.model)
-        except Exception as exc:  # cuDNN/cuBLAS/NCCL allocation failures too (voc_memory.allocation_failure)
+        except Exception as exc:  # cuDNN/cuBLAS/NCCL allocation failures too (memory.allocation_failure)
             if not is_out_of_memory(exc):
                 raise
             oom = _oom_record(cfg, rank, world, getattr(trainer, "iter", None), exc)
             logger.error(f"out of GPU memory in {oom['phase']} (rank {rank}): {oom['error']}", exc_info=exc)
         if oom is None:
             if comm.is_main_process():
-                write_metrics(folder, results["bbox"], seed, start_iter=start_iter, max_iter=cfg.SOLVER.MAX_ITER,
+                write_metrics(folder, bench.record(results), seed, bench, start_iter=start_iter,
+                              max_iter=cfg.SOLVER.MAX_ITER,
                               amp=bool(cfg.SOLVER.AMP.ENABLED), gpus=world, ims_per_gpu=ims_per_gpu(cfg, world),
                               segments=segments)
             comm.synchronize()
@@ -356,16 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     by a signal (checkpoint saved), 1 otherwise."""
     from detectron2.engine import launch
 
-    ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.voc_train", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m moco_transfer.eval.detection.train", description=main.__doc__)
     ap.add_argument("config", help="the trial's config.yaml (OUTPUT_DIR is the trial folder)")
-    ap.add_argument("voc_root")
+    ap.add_argument("data_root", help="the dataset root (--voc-root, --coco-root)")
     ap.add_argument("seed", type=int)
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of this trial (0 = CPU)")
+    ap.add_argument("--benchmark", default="voc", help="whose datasets and evaluator (voc, coco)")
     ap.add_argument("--dist-url", default=os.environ.get(DIST_URL_ENV) or "auto",
                     help=f"rendezvous of the trial's ranks (default: ${DIST_URL_ENV}, set by the parent, else auto)")
     args = ap.parse_args(argv)
     folder = Path(trial_output_dir(args.config))
-    print(f"voc_train: {folder} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}, "
+    print(f"detection.train: {folder} on CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}, "
           f"{args.gpus} GPU(s), rendezvous {args.dist_url}, pid {os.getpid()}", flush=True)
     (folder / STOPPED_FILE).unlink(missing_ok=True)
     # in this process: the trial's request, installed now; spawned ranks: each has its own, this one passes it on
@@ -373,19 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stopping:
             launch(run_trial, max(1, args.gpus), dist_url=args.dist_url,
-                   args=(args.config, args.voc_root, args.seed))
+                   args=(args.config, args.data_root, args.seed, args.benchmark))
     except TrialOutOfMemory as exc:
         print(f"out of GPU memory: {exc}", file=sys.stderr)
         return EXIT_OOM
     except StoppedBySignal as exc:
-        print(f"voc_train: {exc}", file=sys.stderr)
+        print(f"detection.train: {exc}", file=sys.stderr)
         return EXIT_STOPPED
     except Exception:
         if any(folder.glob(OOM_GLOB)):  # a spawned rank ran out of memory
             print(f"out of GPU memory; see {folder}/oom_rank*.json", file=sys.stderr)
             return EXIT_OOM
         if (folder / STOPPED_FILE).is_file():  # the spawned ranks stopped on a signal after the checkpoint
-            print(f"voc_train: stopped on a signal; see {folder / STOPPED_FILE}", file=sys.stderr)
+            print(f"detection.train: stopped on a signal; see {folder / STOPPED_FILE}", file=sys.stderr)
             return EXIT_STOPPED
         raise
     return 0
