@@ -120,6 +120,9 @@ class Benchmark:
 
 
 def _finite(x: Any) -> float | None:
+    """A value to store: a float, or None for a missing or non-finite one (JSON has no NaN)."""
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 
