@@ -39,7 +39,8 @@ def _args(ckpt, root, out, config, trials="2"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["c4-1x", "fpn-1x"])
-def test_two_trials_give_box_and_mask_ap_and_a_rerun_skips_them(config, moco_checkpoint, coco_root, tmp_path):
+def test_two_trials_give_box_and_mask_ap_and_a_rerun_skips_them(config, moco_checkpoint, coco_root, tmp_path,
+                                                                monkeypatch):
     out = tmp_path / "run"
     res = _run(_args(moco_checkpoint, coco_root, out, config))
     assert res.exit_code == 0, res.output
@@ -78,10 +79,16 @@ def test_two_trials_give_box_and_mask_ap_and_a_rerun_skips_them(config, moco_che
     assert run["trial_lines"]["0"]["segm"]["AP"] == summary["trials"][0]["segm"]["AP"]
     assert f"2 trials: box AP {summary['mean']['bbox']['AP']:.2f} +- " in res.output
 
-    # The same command again: both trials finished, nothing trains, the summary stays.
+    # The same command again: both trials finished, nothing trains, the summary stays; each trial folder's state
+    # is taken once for the whole start-up (run record, memory pre-flight, skip).
+    from moco_transfer.eval.detection import trials
+
+    looked, real = [], trials.trial_state
+    monkeypatch.setattr(trials, "trial_state", lambda folder, bm: looked.append(folder) or real(folder, bm))
     before = (out / "summary.json").read_text()
     res = _run(_args(moco_checkpoint, coco_root, out, config))
     assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in looked) == ["trial_0", "trial_1"]
     assert res.output.count("finished earlier (box AP ") == 2 and "starting" not in res.output
     assert json.loads((out / "summary.json").read_text()) == json.loads(before)
 
