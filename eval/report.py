@@ -28,8 +28,8 @@ import yaml
 from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
 
+from .detection.trials import METRIC_KEYS, RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 from .plots import save_bars
-from .voc_trials import METRIC_KEYS, RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 
 FAMILIES = ("linear top-1", "kNN top-1", "VOC AP50", "VOC AP", "VOC AP75")
 VOC_FAMILY = {"AP50": "VOC AP50", "AP": "VOC AP", "AP75": "VOC AP75"}
@@ -92,10 +92,19 @@ class Found:
     baseline: tuple[Any, ...] | None = None  # random init: (arch, small_images, image_size)
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """Several evaluations of one checkpoint under one protocol, merged into one cell: the table lists them."""
+
+    checkpoint: str  # the checkpoint's row label
+    parts: tuple[tuple[Path, int], ...]  # (result source, values it gave), one per evaluation
+
+
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)
     requested: int | None = None
+    pooled: list[Pooling] = field(default_factory=list)  # empty: the values come from one evaluation each
 
 
 @dataclass
@@ -107,6 +116,8 @@ class Row:
     sources: list[Path]
     seeds: list[int]
     baseline: tuple[Any, ...] | None = None  # random init: (arch, small_images, image_size)
+    differs: list[tuple[str, str]] = field(default_factory=list)  # recipe fields that set it apart from look-alikes
+    base_label: str = ""  # the label before those fields were added to it
 
 
 @dataclass
@@ -417,6 +428,17 @@ def _baseline_name(baseline: tuple[Any, ...]) -> str:
 
 
 def _checkpoint_row(key: tuple[Any, ...], members: list[Found], hashes: dict[Path, str]) -> Row:
+    row = _checkpoint_row_cells(key, members, hashes)
+    for protocol, cell in row.cells.items():  # two evaluations under one protocol: pooled, and the table says so
+        parts = [(f.source, n) for f in members for m in f.measurements if m.protocol == protocol
+                 if (n := len(m.values))]
+        if len(parts) < 2 or (row.baseline is not None and len(cell.values) < 2):
+            continue  # one evaluation, or one random network that several runs measured alike (counted once)
+        cell.pooled = [Pooling(row.label, tuple(parts))]
+    return row
+
+
+def _checkpoint_row_cells(key: tuple[Any, ...], members: list[Found], hashes: dict[Path, str]) -> Row:
     cells: dict[Protocol, Cell] = {}
     for f in members:
         for m in f.measurements:
@@ -479,8 +501,9 @@ def _group_rows(rows: list[Row]) -> list[Row]:
         for row in members:
             for protocol, cell in row.cells.items():
                 if cell.values:
-                    cells.setdefault(protocol, Cell(requested=len(members))).values.append(
-                        statistics.fmean(cell.values))
+                    pooled = cells.setdefault(protocol, Cell(requested=len(members)))
+                    pooled.values.append(statistics.fmean(cell.values))
+                    pooled.pooled.extend(cell.pooled)
         seeds = sorted(s for row in members for s in row.seeds)
         seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "seed ?"
         if key[0] == "random init":
@@ -516,6 +539,7 @@ def _mark_differences(rows: list[Row]) -> None:
     shown = {name for _, name in SWITCHES}
     buckets: dict[tuple[str, ...], list[Row]] = {}
     for row in rows:
+        row.base_label = row.label
         if row.recipe is not None and not row.baseline:
             buckets.setdefault(tuple(_switch_values(row)), []).append(row)
     for bucket in buckets.values():
@@ -524,8 +548,9 @@ def _mark_differences(rows: list[Row]) -> None:
         names = sorted({k for row in bucket for k in row.recipe or {}} - RUN_ONLY - shown)
         differ = [k for k in names if len({repr((row.recipe or {}).get(k)) for row in bucket}) > 1]
         for row in bucket:
+            row.differs = [(k, _fmt_setting((row.recipe or {}).get(k))) for k in differ]
             if differ:
-                row.label += " [" + ", ".join(f"{k} {_fmt_setting((row.recipe or {}).get(k))}" for k in differ) + "]"
+                row.label += " [" + ", ".join(f"{k} {v}" for k, v in row.differs) + "]"
 
 
 def _sort_key(row: Row) -> tuple[Any, ...]:
@@ -544,18 +569,25 @@ def _sort_key(row: Row) -> tuple[Any, ...]:
 
 
 def format_cell(cell: Cell | None, decimals: int = 1) -> str:
-    """`57.0 ± 0.2 (n=5)`; one value without ±; `(n=3 of 5)` when trials are missing; no value: –."""
+    """`57.0 ± 0.2 (n=5)`; one value without ±; `(n=3 of 5)` when trials are missing; no value: –.
+
+    A cell that pools several evaluations of one checkpoint says so (`(n=2, pooled)`): the list under the table
+    names them, so a reader does not take their spread for one evaluation's.
+    """
     if cell is None or not cell.values:
         return DASH
     n, mean = len(cell.values), statistics.fmean(cell.values)
     text = f"{mean:.{decimals}f}"
     if n > 1:
         text += f" ± {statistics.stdev(cell.values):.{decimals}f}"
+    counts = []
     if cell.requested is not None and cell.requested > n:
-        text += f" (n={n} of {cell.requested})"
+        counts.append(f"n={n} of {cell.requested}")
     elif n > 1:
-        text += f" (n={n})"
-    return text
+        counts.append(f"n={n}")
+    if cell.pooled:
+        counts.append("pooled")
+    return text + (f" ({', '.join(counts)})" if counts else "")
 
 
 def _short_setting(name: str, value: str) -> str:
@@ -617,6 +649,28 @@ def _column_note(protocol: Protocol | str, header: str) -> str:
     return f"- **{header}**: {what}; {settings}"
 
 
+def _source_folder(source: Path) -> str:
+    return _display_path(source if source.is_dir() else source.parent)
+
+
+def _pooling_notes(rows: list[Row], columns: list[Protocol | str], headers: list[str], group_by: str) -> list[str]:
+    """One line per pooled cell: its row and column, and each evaluation in it with its folder and count."""
+    lines = []
+    for row in rows:
+        for column, header in zip(columns, headers, strict=True):
+            cell = row.cells.get(column) if isinstance(column, Protocol) else None
+            for pooling in cell.pooled if cell else []:
+                whose = "" if pooling.checkpoint == row.label else f"checkpoint {pooling.checkpoint}: "
+                parts = ", ".join(f"{_source_folder(source)} (n={n})" for source, n in pooling.parts)
+                lines.append(f"- {row.label}, **{header}**: {whose}{len(pooling.parts)} evaluations pooled: {parts}")
+    if not lines:
+        return []
+    per_checkpoint = ("each pooled checkpoint's value is the mean over all its evaluations' values"
+                      if group_by == "recipe" else "mean ± std and n are over all their values")
+    return ["", "Pooled cells (one checkpoint evaluated more than once under one protocol; "
+            f"{per_checkpoint}):", *(_escape(line) for line in lines)]
+
+
 def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: list[str], group_by: str,
                     paths: Sequence[str | os.PathLike], sources: list[Path], skipped: list[str],
                     decimals: int = 1) -> str:
@@ -632,9 +686,11 @@ def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: lis
         "",
         f"✓ on, blank off, n/a not applicable; {DASH} no result (never filled in). Cells are the mean ± sample std "
         "of n values: the trials of one evaluation (VOC fine-tuning trials, repeated linear/kNN evaluations of one "
-        f"checkpoint){pooled}; n=k of m: only k of m trials{' or checkpoints' if pooled else ''} have a result. "
+        f"checkpoint){pooled}; n=k of m: only k of m trials{' or checkpoints' if pooled else ''} have a result; "
+        "pooled: the cell merges several evaluations of one checkpoint under one protocol (listed below). "
         "epochs a/b: a checkpoint taken after a of b scheduled epochs. random init: the same architecture with "
         "random weights, measured by the pretraining runs' kNN monitor (runs with one seed count once).",
+        *_pooling_notes(rows, columns, headers, group_by),
         "",
         "Columns (each holds one protocol; results measured another way get a column of their own):",
         *(_column_note(c, h) for c, h in zip(columns, headers, strict=True)),
@@ -664,11 +720,54 @@ def build_report(paths: Sequence[str | os.PathLike], group_by: str = "checkpoint
 
 
 def _chart_label(label: str, width: int = 36) -> str:
-    """Long labels keep their start and end (the run folder and the checkpoint's epoch)."""
-    if len(label) <= width:
-        return label
-    head = (width - 1) // 2
-    return label[:head] + "…" + label[-(width - 1 - head):]
+    """Long lines keep their start and end (the run folder and the checkpoint's epoch)."""
+    lines = []
+    for line in label.split("\n"):
+        if len(line) > width:
+            head = (width - 1) // 2
+            line = line[:head] + "…" + line[-(width - 1 - head):]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _switch_text(names: list[str], values: list[str], varying: list[int]) -> str:
+    """The varying switches of one row: the ones on by name, numbers with their name (`MLP, aug+, T 0.2`)."""
+    flags = [i for i in varying if values[i] in ("✓", "")]
+    parts = [names[i] for i in flags if values[i] == "✓"]
+    if flags and not parts:
+        parts.append("no " + "/".join(names[i] for i in flags))
+    for i in varying:
+        if i not in flags:
+            parts.append(f"{values[i]} ep" if names[i] == "epochs" else f"{names[i]} {values[i]}")
+    return ", ".join(parts)
+
+
+def chart_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
+    """A bar group's name: what tells its row apart from the others, and the text every recipe row shares.
+
+    The table's switch columns tell recipe rows apart; the chart has only its labels, so each names the switches
+    that vary between rows (MLP, aug+, cos, T, epochs, batch) and the recipe fields the table adds in brackets.
+    Rows that still look alike (seeds of one recipe, per checkpoint) add their checkpoint on a second line.
+    Returns the labels and the label every recipe row shares ("" when they differ), for the chart's title.
+    """
+    names = [name for name, _ in SWITCHES]
+    recipes = [i for i, row in enumerate(rows) if row.recipe is not None and not row.baseline]
+    values = {i: _switch_values(rows[i]) for i in recipes}
+    varying = [j for j in range(len(names)) if len({values[i][j] for i in recipes}) > 1]
+    labels = [row.label for row in rows]
+    texts = {}
+    for i in recipes:
+        parts = [_switch_text(names, values[i], varying)] if varying else []
+        parts += [f"{k} {v}" for k, v in rows[i].differs]
+        texts[i] = ", ".join(p for p in parts if p)
+    for i in recipes:
+        if not texts[i]:
+            continue
+        alike = [j for j in recipes if texts[j] == texts[i]]
+        labels[i] = texts[i] + (f"\n{rows[i].base_label or rows[i].label}" if len(alike) > 1 else "")
+    common = {rows[i].base_label or rows[i].label for i in recipes}
+    shared = next(iter(common)) if len(common) == 1 and len(recipes) > 1 else ""
+    return labels, shared
 
 
 def write_report(report: Report, output: str | os.PathLike) -> tuple[Path, Path]:
@@ -689,6 +788,7 @@ def write_report(report: Report, output: str | os.PathLike) -> tuple[Path, Path]
                 std = statistics.stdev(cell.values) if len(cell.values) > 1 else 0.0
                 values.append((statistics.fmean(cell.values), std))
         series[header] = values
-    png = save_bars([_chart_label(r.label) for r in report.rows], series, md.with_suffix(".png"),
-                    f"moco report, per {report.group_by} (error bars: std)")
+    labels, shared = chart_labels(report.rows)
+    title = f"moco report, per {report.group_by}" + (f": {shared}" if shared else "") + " (error bars: std)"
+    png = save_bars([_chart_label(label) for label in labels], series, md.with_suffix(".png"), title)
     return md, png

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from moco_transfer.cli import main
-from moco_transfer.eval.report import Cell, ReportError, build_report, format_cell
-from moco_transfer.eval.voc_trials import summarize, trial_dir, write_metrics
+from moco_transfer.eval import report as report_module
+from moco_transfer.eval.detection.trials import summarize, trial_dir, write_metrics
+from moco_transfer.eval.report import Cell, ReportError, build_report, chart_labels, format_cell, write_report
 from moco_transfer.fileio import sha256_file
 from moco_transfer.pretrain.config import PretrainConfig, save_resolved
 
@@ -74,15 +75,19 @@ def write_knn(folder: Path, ckpt: Path, top1: dict[int, float], data: str = DIGI
     (folder / "knn.json").write_text(json.dumps(report))
 
 
-def write_voc(folder: Path, ckpt: Path, trials: list[tuple[float, float, float]], requested: int) -> None:
-    """A VOC run folder: run.json (the fingerprint `moco eval voc` pins), then the real trial bookkeeping."""
+def write_voc(folder: Path, ckpt: Path, trials: list[tuple[float, float, float]], requested: int,
+              config: str = "voc_R_50_C4_24k_moco.yaml", opts: tuple[str, ...] = (),
+              config_sha256: str = "c0ffee" * 10) -> None:
+    """A VOC run folder: run.json (the fingerprint `moco eval voc` pins: the checkpoint's sha256 and that of the
+    training target, i.e. the config with --opts merged), then the real trial bookkeeping (metrics, summary)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.json").write_text(json.dumps({"version": 2, "checkpoint_sha256": sha256_file(ckpt),
-                                                 "config_sha256": "c0ffee" * 10, "config": {}}))
+    (folder / "run.json").write_text(json.dumps({"version": 2, "benchmark": "voc", "config": {},
+                                                 "checkpoint_sha256": sha256_file(ckpt),
+                                                 "config_sha256": config_sha256}))
     for k, (ap50, ap, ap75) in enumerate(trials):
         write_metrics(trial_dir(folder, k), {"AP50": ap50, "AP": ap, "AP75": ap75}, seed=k)
-    summarize(folder, requested, {"checkpoint": "relative/ck.pth.tar", "weights": "w.pkl",
-                                  "config": "voc_R_50_C4_24k_moco.yaml", "opts": []})
+    summarize(folder, requested, {"checkpoint": "relative/ck.pth.tar", "weights": "w.pkl", "config": config,
+                                  "opts": list(opts)})
 
 
 def parse(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -235,6 +240,108 @@ def test_group_by_recipe_pools_seeds(tmp_path: Path) -> None:
     assert v2["linear top-1 (lbfgs)"] == "69.0 (n=1 of 3)"  # one seed of three has it, and the cell says so
     assert row_of(rows, "[arch resnet50]")["linear top-1 (cached, 100 ep, lr 30)"] == "70.0"
     assert "n = checkpoints" in report.markdown
+
+
+V1 = dict(mlp=False, aug_plus=False, cos=False, moco_t=0.07)
+MLP_T02 = dict(mlp=True, aug_plus=False, cos=False, moco_t=0.2)
+V2 = dict(mlp=True, aug_plus=True, cos=True, moco_t=0.2)
+
+
+def test_chart_labels_name_what_tells_the_rows_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/ablation.md's chart named every bar group "<preset> (seeds 0, 1, 2)": its rows could not be told apart."""
+    monkeypatch.chdir(tmp_path)  # checkpoints show relative to the working directory
+    for name, switches in (("v1", V1), ("mlp", MLP_T02), ("v2", V2)):
+        for seed in (0, 1):
+            ckpt = write_run(tmp_path / f"{name}_s{seed}", seed=seed, knn=40.0 + seed, random_init=30.0, **switches)
+            write_linear(tmp_path / f"{name}_s{seed}_linear", ckpt, 50.0 + seed)
+    drawn: dict[str, Any] = {}
+    monkeypatch.setattr(report_module, "save_bars", lambda groups, series, path, title: drawn.update(
+        groups=list(groups), title=title) or path)
+
+    report = build_report([tmp_path], group_by="recipe")
+    assert [r.label for r in report.rows if r.recipe] == ["digits (seeds 0, 1)"] * 3  # the table relies on switches
+    write_report(report, tmp_path / "table.md")
+    assert drawn["groups"][0].startswith("random init (")
+    assert drawn["groups"][1:] == ["no MLP/aug+/cos, T 0.07", "MLP, T 0.2", "MLP, aug+, cos, T 0.2"]
+    assert drawn["title"] == "moco report, per recipe: digits (seeds 0, 1) (error bars: std)"
+
+    # per checkpoint: the seeds of one recipe look alike, so their checkpoint follows on a second line
+    labels, shared = chart_labels(build_report([tmp_path]).rows)
+    v2 = [label for label in labels if label.startswith("MLP, aug+, cos")]
+    assert v2 == [f"MLP, aug+, cos, T 0.2\nv2_s{seed}/checkpoint_0007.pth.tar" for seed in (0, 1)]
+    assert len(set(labels)) == len(labels) and shared == ""
+
+    # switches alike, another recipe field differs: the field the table adds in brackets names the bars
+    write_run(tmp_path / "wide", seed=0, arch="resnet50", knn=45.0, **V2)
+    labels, _ = chart_labels(build_report([tmp_path / "v2_s0", tmp_path / "wide"], group_by="recipe").rows)
+    assert labels[1:] == ["arch resnet18", "arch resnet50"]  # after the random-init row
+    # one recipe row alone keeps its label
+    labels, shared = chart_labels(build_report([tmp_path / "v2_s0", tmp_path / "v2_s1"], group_by="recipe").rows)
+    assert labels[-1] == "digits (seeds 0, 1)" and shared == ""
+
+
+def test_two_voc_protocols_keep_separate_columns(tmp_path: Path) -> None:
+    """Another config, or the same config with other --opts, is another protocol: never one cell."""
+    a = write_run(tmp_path / "runs" / "a", seed=0)
+    b = write_run(tmp_path / "runs" / "b", seed=1)
+    write_voc(tmp_path / "voc" / "a_24k", a, [(82.0, 57.0, 63.0), (82.2, 57.2, 63.4)], requested=2)
+    write_voc(tmp_path / "voc" / "a_12k", a, [(80.0, 54.0, 60.0), (80.4, 54.2, 60.2)], requested=2,
+              opts=("SOLVER.MAX_ITER", "12000"), config_sha256="0a" * 32)
+    write_voc(tmp_path / "voc" / "b_other", b, [(70.0, 45.0, 48.0)], requested=1,
+              config="/configs/voc_R_50_FPN_moco.yaml", config_sha256="fb" * 32)
+    report = build_report([tmp_path])
+    headers, rows = parse(report.markdown)
+    ap50 = [h for h in headers if h.startswith("VOC AP50")]
+    assert ap50 == ["VOC AP50 (voc_R_50_C4_24k_moco.yaml, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)",
+                    "VOC AP50 (voc_R_50_C4_24k_moco.yaml, opts none, config sha256 c0ffeec0ffee)",
+                    "VOC AP50 (voc_R_50_FPN_moco.yaml, opts none, config sha256 fbfbfbfbfbfb)"]
+    short, full, fpn = ap50
+    ra, rb = row_of(rows, "runs/a/"), row_of(rows, "runs/b/")
+    assert (ra[full], ra[short], ra[fpn]) == ("82.1 ± 0.1 (n=2)", "80.2 ± 0.3 (n=2)", "–")
+    assert (rb[full], rb[short], rb[fpn]) == ("–", "–", "70.0")
+    assert sum(h.startswith("VOC AP (") for h in headers) == sum(h.startswith("VOC AP75") for h in headers) == 3
+    assert "Pooled cells" not in report.markdown and "pooled" not in ra[full]
+    assert "- **VOC AP (voc_R_50_C4_24k_moco.yaml, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)**: " \
+           "`moco eval voc`, VOC07 test box AP (%) after fine-tuning; config voc_R_50_C4_24k_moco.yaml, " \
+           "opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a" in report.markdown
+
+
+def test_two_evaluations_of_one_checkpoint_are_pooled_and_the_table_says_so(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # folders show relative to the working directory
+    a = write_run(tmp_path / "runs" / "a", seed=0, **V2)
+    b = write_run(tmp_path / "runs" / "b", seed=1, **V2)
+    first = [(82.0, 57.0, 63.0), (82.4, 57.4, 63.4)]
+    again = [(81.0, 56.0, 62.0), (81.2, 56.2, 62.2), (81.4, 56.4, 62.4)]
+    write_voc(tmp_path / "voc" / "a", a, first, requested=2)
+    write_voc(tmp_path / "voc" / "a_again", a, again, requested=3)  # the same config, opts and target
+    write_voc(tmp_path / "voc" / "b", b, first, requested=2)
+    write_linear(tmp_path / "lin" / "a", a, 70.0)
+    write_linear(tmp_path / "lin" / "a_rerun", a, 71.0)  # the old silent "± (n=2)" cell
+    report = build_report([tmp_path / "runs", tmp_path / "voc", tmp_path / "lin"])
+    _, rows = parse(report.markdown)
+    ra, rb = row_of(rows, "runs/a/"), row_of(rows, "runs/b/")
+    ap50 = [t[0] for t in first + again]
+    assert ra["VOC AP50"] == f"{statistics.fmean(ap50):.1f} ± {statistics.stdev(ap50):.1f} (n=5, pooled)"
+    assert ra["linear top-1"] == "70.5 ± 0.7 (n=2, pooled)"
+    assert rb["VOC AP50"] == "82.2 ± 0.3 (n=2)" and rb["linear top-1"] == "–"  # one evaluation: not pooled
+    notes = report.markdown.split("Pooled cells", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert notes[0] == " (one checkpoint evaluated more than once under one protocol; mean ± std and n are over " \
+                       "all their values):"
+    ckpt = "runs/a/checkpoint_0007.pth.tar"
+    for family in ("VOC AP50", "VOC AP", "VOC AP75"):
+        assert f"- {ckpt}, **{family}**: 2 evaluations pooled: voc/a (n=2), voc/a_again (n=3)" in notes
+    assert f"- {ckpt}, **linear top-1**: 2 evaluations pooled: lin/a (n=1), lin/a_rerun (n=1)" in notes
+    assert len(notes) == 5
+    assert "pooled: the cell merges several evaluations of one checkpoint" in report.markdown
+
+    # pooled per recipe: the recipe's cell is over checkpoints, and the note names the checkpoint that pooled
+    report = build_report([tmp_path / "runs", tmp_path / "voc", tmp_path / "lin"], group_by="recipe")
+    _, rows = parse(report.markdown)
+    assert rows[0]["linear top-1"] == "70.5 (n=1 of 2, pooled)"
+    assert f"- digits (seeds 0, 1), **linear top-1**: checkpoint {ckpt}: 2 evaluations pooled: lin/a (n=1), " \
+           "lin/a_rerun (n=1)" in report.markdown
+    assert "each pooled checkpoint's value is the mean over all its evaluations' values" in report.markdown
 
 
 def test_intermediate_checkpoint_and_recipe_from_the_checkpoint_itself(tmp_path: Path) -> None:
