@@ -153,12 +153,9 @@ def _check_datasets(cfg: Any, options: DetectionOptions, echo: Callable[[str], N
     """Every file of the config's datasets at the root (the benchmark's check), and a classifier that fits them."""
     bm = options.benchmark
     layout = bm.check_layout(options.data_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    if not layout.counts:
-        known = ", ".join(sorted(n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)))
-        raise SetupError(f"--config {options.config}: none of its datasets ({known}) is a {bm.name} dataset that "
-                         f"{bm.root_option} can hold")
     echo(f"{bm.name.upper()} datasets: "
-         + ", ".join(f"{bm.dataset_name(n)} ({c} images)" for n, c in layout.counts.items()))
+         + (", ".join(f"{bm.dataset_name(n)} ({c} images)" for n, c in layout.counts.items())
+            or f"none under {bm.root_option} (the config's datasets are left to detectron2's own registrations)"))
     classes = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     if layout.classes is not None and layout.classes != classes:
         raise SetupError(f"{bm.root_option} {options.data_root}: the annotation files have {layout.classes} "
