@@ -742,6 +742,17 @@ def _switch_text(names: list[str], values: list[str], varying: list[int]) -> str
     return ", ".join(parts)
 
 
+def _distinct_tails(labels: list[str]) -> list[str]:
+    """Look-alike rows' checkpoints without the folders they all share, so a shortened label keeps what differs."""
+    try:
+        common = os.path.commonpath(labels)
+    except ValueError:  # absolute and relative paths mixed
+        return labels
+    if not common or common in labels:
+        return labels
+    return [os.path.relpath(label, common) for label in labels]
+
+
 def chart_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
     """A bar group's name: what tells its row apart from the others, and the text every recipe row shares.
 
@@ -764,7 +775,8 @@ def chart_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
         if not texts[i]:
             continue
         alike = [j for j in recipes if texts[j] == texts[i]]
-        labels[i] = texts[i] + (f"\n{rows[i].base_label or rows[i].label}" if len(alike) > 1 else "")
+        tails = _distinct_tails([rows[j].base_label or rows[j].label for j in alike])
+        labels[i] = texts[i] + (f"\n{tails[alike.index(i)]}" if len(alike) > 1 else "")
     common = {rows[i].base_label or rows[i].label for i in recipes}
     shared = next(iter(common)) if len(common) == 1 and len(recipes) > 1 else ""
     return labels, shared

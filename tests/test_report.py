@@ -249,7 +249,6 @@ V2 = dict(mlp=True, aug_plus=True, cos=True, moco_t=0.2)
 
 def test_chart_labels_name_what_tells_the_rows_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/ablation.md's chart named every bar group "<preset> (seeds 0, 1, 2)": its rows could not be told apart."""
-    monkeypatch.chdir(tmp_path)  # checkpoints show relative to the working directory
     for name, switches in (("v1", V1), ("mlp", MLP_T02), ("v2", V2)):
         for seed in (0, 1):
             ckpt = write_run(tmp_path / f"{name}_s{seed}", seed=seed, knn=40.0 + seed, random_init=30.0, **switches)
@@ -265,7 +264,8 @@ def test_chart_labels_name_what_tells_the_rows_apart(tmp_path: Path, monkeypatch
     assert drawn["groups"][1:] == ["no MLP/aug+/cos, T 0.07", "MLP, T 0.2", "MLP, aug+, cos, T 0.2"]
     assert drawn["title"] == "moco report, per recipe: digits (seeds 0, 1) (error bars: std)"
 
-    # per checkpoint: the seeds of one recipe look alike, so their checkpoint follows on a second line
+    # per checkpoint: the seeds of one recipe look alike, so their checkpoint follows on a second line, without
+    # the folders they share (the label is shortened in its middle to fit the chart)
     labels, shared = chart_labels(build_report([tmp_path]).rows)
     v2 = [label for label in labels if label.startswith("MLP, aug+, cos")]
     assert v2 == [f"MLP, aug+, cos, T 0.2\nv2_s{seed}/checkpoint_0007.pth.tar" for seed in (0, 1)]
