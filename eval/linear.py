@@ -84,11 +84,11 @@ def resolve_settings(cfg: LinearConfig, preset: PresetLinear | None = None) -> t
     measured for its own checkpoints brings its lr and epochs; each option given explicitly still wins. Returns
     the concrete config (lr absolute) and where its defaults came from, for linear.json and the console.
     """
+    if cfg.mode == "lbfgs":
+        return cfg, "logistic regression, C chosen on held-out train (no lr or epochs)"
     per_256 = preset.lr if preset is not None else BASE_LR
     epochs = cfg.epochs if cfg.epochs is not None else (preset.epochs if preset is not None else PROTOCOL_EPOCHS)
     resolved = replace(cfg, epochs=epochs, lr=base_lr(cfg.batch_size, cfg.lr, per_256))
-    if cfg.mode == "lbfgs":
-        return resolved, "logistic regression (no lr or epochs)"
     origin = preset.describe() if preset is not None else IMAGENET_PROTOCOL
     given = [name for name, value in (("lr", cfg.lr), ("epochs", cfg.epochs)) if value is not None]
     if len(given) == 2:

@@ -76,6 +76,8 @@ def test_resolve_settings() -> None:
     cfg, origin = resolve_settings(LinearConfig(mode="cached", lr=1.0, epochs=7), EMBEDDED)
     assert (cfg.lr, cfg.epochs, origin) == (1.0, 7, "lr and epochs as given")
     assert resolve_settings(cfg, EMBEDDED)[0] == cfg  # a resolved config stays as it is
+    lbfgs, origin = resolve_settings(LinearConfig(mode="lbfgs"), EMBEDDED)
+    assert (lbfgs.lr, lbfgs.epochs) == (None, None) and "no lr or epochs" in origin  # nothing SGD-only recorded
 
 
 def test_preset_linear_settings_name_real_presets_and_their_data() -> None:
