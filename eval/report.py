@@ -28,11 +28,20 @@ import yaml
 from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
 
-from .detection.trials import METRIC_KEYS, RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
+from .detection.benchmarks import VOC, get_benchmark
+from .detection.trials import RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 from .plots import save_bars
 
-FAMILIES = ("linear top-1", "kNN top-1", "VOC AP50", "VOC AP", "VOC AP75")
-VOC_FAMILY = {"AP50": "VOC AP50", "AP": "VOC AP", "AP75": "VOC AP75"}
+FAMILIES = ("linear top-1", "kNN top-1", "VOC AP50", "VOC AP", "VOC AP75", "COCO box AP", "COCO box AP50",
+            "COCO box AP75", "COCO mask AP", "COCO mask AP50", "COCO mask AP75")
+# Detection columns: (benchmark, evaluator task, metric) -> family, in each benchmark's paper order.
+DETECTION_FAMILY = {("voc", "bbox", "AP50"): "VOC AP50", ("voc", "bbox", "AP"): "VOC AP",
+                    ("voc", "bbox", "AP75"): "VOC AP75",
+                    **{("coco", task, key): f"COCO {label} {key}" for task, label in (("bbox", "box"), ("segm", "mask"))
+                       for key in ("AP", "AP50", "AP75")}}
+# Families shown only when some row has a result: COCO is optional (a day of GPU time per trial), and six empty
+# columns on every table would hide the tech report's own layout (linear, kNN, VOC).
+OPTIONAL_FAMILIES = frozenset(f for f in FAMILIES if f.startswith("COCO"))
 # Header -> PretrainConfig field, in the tech report's order.
 SWITCHES = (("MLP", "mlp"), ("aug+", "aug_plus"), ("cos", "cos"), ("T", "moco_t"), ("epochs", "epochs"),
             ("batch", "batch_size"))
@@ -44,13 +53,15 @@ GROUP_BY = ("checkpoint", "recipe")
 DEFAULT_KNN_K = 200
 DASH = "–"
 RESULT_KINDS = ("pretraining run folders (log.jsonl or pretrain.json), linear.json (moco eval linear), "
-                "knn.json (moco eval knn), VOC run folders (summary.json / run.json + trial_<k>/metrics.json)")
+                "knn.json (moco eval knn), VOC and COCO run folders (moco eval voc|coco: summary.json / run.json + "
+                "trial_<k>/metrics.json)")
 TRIAL_DIR = re.compile(r"trial_(\d+)")
 SOURCE_TEXT = {
     "linear top-1": "`moco eval linear`, top-1 (%) of the final epoch",
     "kNN top-1/eval knn": "`moco eval knn`, weighted kNN top-1 (%)",
     "kNN top-1/monitor": "the pretraining run's kNN monitor, weighted kNN top-1 (%) of its final encoder",
     "VOC": "`moco eval voc`, VOC07 test box AP (%) after fine-tuning",
+    "COCO": "`moco eval coco`, COCO val2017 box or mask AP (%) of Mask R-CNN after fine-tuning",
 }
 
 
@@ -264,30 +275,37 @@ def read_knn(path: Path, knn_ks: Sequence[int]) -> list[Found]:
                   sha256=d.get("checkpoint_sha256"), trained_epochs=d.get("epoch"))]
 
 
-def read_voc_run(folder: Path) -> list[Found]:
-    """Finished trials from trial_<k>/metrics.json (summary.json's list when the trial folders are gone)."""
+def read_detection_run(folder: Path) -> list[Found]:
+    """Finished trials of `moco eval voc` or `moco eval coco` from trial_<k>/metrics.json (summary.json's list when
+    the trial folders are gone). The benchmark is the one summary.json or run.json names (VOC before they did)."""
     summary = _read_json(folder / SUMMARY_JSON) if (folder / SUMMARY_JSON).is_file() else {}
     run = _read_json(folder / RUN_FILE) if (folder / RUN_FILE).is_file() else {}
+    try:
+        bm = get_benchmark(str(summary.get("benchmark") or run.get("benchmark") or VOC.name))
+    except KeyError as exc:
+        raise _Unusable(str(exc)) from None
     requested = summary.get("trials_requested")
     numbered = sorted((int(m.group(1)), p) for p in folder.iterdir()
                       if p.is_dir() and (m := TRIAL_DIR.fullmatch(p.name)))
     if isinstance(requested, int):
         numbered = [(k, p) for k, p in numbered if k < requested]
-    trials = [m for _, p in numbered if (m := read_metrics(p)) is not None]
+    trials = [v for _, p in numbered if (m := read_metrics(p, bm)) is not None and (v := bm.values(m))]
     if not numbered:
-        trials = [t for t in summary.get("trials") or [] if isinstance(t, dict)]
+        trials = [v for t in summary.get("trials") or [] if isinstance(t, dict) and (v := bm.values(t))]
     if not trials:
-        raise _Unusable("a VOC run folder without a finished trial")
+        raise _Unusable(f"a {bm.name.upper()} run folder without a finished trial")
     attrs = (("config", Path(str(summary.get("config") or "?")).name),
              ("opts", " ".join(map(str, summary.get("opts") or [])) or "none"),
              ("config sha256", str(run.get("config_sha256") or "?")[:12]))
     measurements = []
-    for key in METRIC_KEYS:
-        values = [v for t in trials if (v := _number(t.get(key))) is not None]
-        measurements.append(Measurement(Protocol(VOC_FAMILY[key], attrs), values,
+    for (name, task, key), family in DETECTION_FAMILY.items():
+        if name != bm.name:
+            continue
+        values = [v for t in trials if (v := _number(t[task].get(key))) is not None]
+        measurements.append(Measurement(Protocol(family, attrs), values,
                                         requested if isinstance(requested, int) else None))
     ckpt, recorded = _absolute(summary.get("checkpoint"))
-    return [Found("voc", folder, measurements, checkpoint=ckpt, recorded_path=recorded,
+    return [Found(bm.name, folder, measurements, checkpoint=ckpt, recorded_path=recorded,
                   sha256=run.get("checkpoint_sha256") or summary.get("checkpoint_sha256"))]
 
 
@@ -307,11 +325,11 @@ def _folder_kinds(names: set[str], subdirs: Iterable[str]) -> list[str]:
     if "knn.json" in names:
         kinds.append("knn")
     if SUMMARY_JSON in names or (RUN_FILE in names and any(TRIAL_DIR.fullmatch(d) for d in subdirs)):
-        kinds.append("voc")
+        kinds.append("detection")
     return kinds
 
 
-FILE_KINDS = {"linear.json": "linear", "knn.json": "knn", SUMMARY_JSON: "voc", RUN_FILE: "voc",
+FILE_KINDS = {"linear.json": "linear", "knn.json": "knn", SUMMARY_JSON: "detection", RUN_FILE: "detection",
               "pretrain.json": "pretrain", "log.jsonl": "pretrain"}
 
 
@@ -340,7 +358,7 @@ def collect(paths: Sequence[str | os.PathLike], knn_ks: Sequence[int] = (DEFAULT
             elif kind == "knn":
                 found.extend(read_knn(where, knn_ks))
             else:
-                found.extend(read_voc_run(folder))
+                found.extend(read_detection_run(folder))
             sources.append(where)
         except _Unusable as exc:
             skipped.append(f"{where}: {exc}")
@@ -357,7 +375,7 @@ def collect(paths: Sequence[str | os.PathLike], knn_ks: Sequence[int] = (DEFAULT
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
             kinds = _folder_kinds(set(filenames), dirnames)
-            if "voc" in kinds:  # its trial folders hold detectron2 files, not results of their own
+            if "detection" in kinds:  # its trial folders hold detectron2 files, not results of their own
                 if SUPERSEDED in dirnames:
                     skipped.append(f"{Path(dirpath) / SUPERSEDED}: superseded VOC trials, not reported "
                                    "(name the folder itself to see them)")
@@ -614,6 +632,8 @@ def _columns(rows: list[Row]) -> tuple[list[Protocol | str], list[str]]:
     for family in FAMILIES:
         protocols = sorted((p for p in present if p.family == family), key=lambda p: p.attrs)
         if not protocols:
+            if family in OPTIONAL_FAMILIES:
+                continue
             columns.append(family)
             headers.append(family)
             continue
@@ -639,8 +659,8 @@ def _escape(text: str) -> str:
 def _column_note(protocol: Protocol | str, header: str) -> str:
     if isinstance(protocol, str):
         return f"- **{header}**: no result found"
-    if protocol.family.startswith("VOC"):
-        what = SOURCE_TEXT["VOC"]
+    if protocol.family.startswith(("VOC", "COCO")):
+        what = SOURCE_TEXT[protocol.family.split()[0]]
     elif protocol.family == "kNN top-1":
         what = SOURCE_TEXT[f"kNN top-1/{dict(protocol.attrs).get('source')}"]
     else:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from moco_transfer.cli import main
 from moco_transfer.eval import report as report_module
+from moco_transfer.eval.detection.benchmarks import COCO
 from moco_transfer.eval.detection.trials import summarize, trial_dir, write_metrics
 from moco_transfer.eval.report import Cell, ReportError, build_report, chart_labels, format_cell, write_report
 from moco_transfer.fileio import sha256_file
@@ -415,3 +416,43 @@ def test_report_reads_what_the_evaluators_write(tmp_path: Path) -> None:
     lin_top1 = json.loads((tmp_path / "lin" / "linear.json").read_text())["final"]["top1"]
     assert len(rows) == 1 and rows[0]["checkpoint"].endswith("ck.pth.tar") and rows[0]["MLP"] == "✓"
     assert rows[0]["linear top-1"] == f"{lin_top1:.1f}" and rows[0]["kNN top-1"] == f"{knn_top1:.1f}"
+
+
+def write_coco(folder: Path, ckpt: Path, trials: list[tuple[float, float]], requested: int,
+               config: str = "fpn-1x") -> None:
+    """A `moco eval coco` run folder through the real bookkeeping: box AP and mask AP per trial (the other metrics
+    follow from them), metrics.json per trial in COCO's layout, summary.json and run.json naming the benchmark."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"version": 2, "benchmark": "coco", "config": {},
+                                                 "checkpoint_sha256": sha256_file(ckpt), "config_sha256": "c0c0" * 16}))
+    for k, (box, mask) in enumerate(trials):
+        result = {task: {"AP": ap, "AP50": ap + 20, "AP75": ap + 3, "APs": ap - 15, "APm": ap, "APl": float("nan")}
+                  for task, ap in (("bbox", box), ("segm", mask))}
+        write_metrics(trial_dir(folder, k), COCO.record(result), seed=k, benchmark=COCO)
+    summarize(folder, requested, {"checkpoint": "relative/ck.pth.tar", "weights": "w.pkl", "config": config,
+                                  "opts": []}, COCO)
+
+
+def test_coco_runs_give_box_and_mask_columns(tmp_path: Path) -> None:
+    """`moco eval coco` folders land in the row of their checkpoint, next to its VOC result, as box and mask
+    AP/AP50/AP75 columns; a table without COCO results has no COCO columns."""
+    a = write_run(tmp_path / "runs" / "a", seed=0)
+    b = write_run(tmp_path / "runs" / "b", seed=1)
+    write_voc(tmp_path / "voc" / "a", a, [(82.0, 57.0, 63.0)], requested=1)
+    write_coco(tmp_path / "coco" / "a", a, [(40.1, 36.2), (40.5, 36.4)], requested=2)
+    write_coco(tmp_path / "coco" / "b", b, [(38.0, 34.0)], requested=2)
+    report = build_report([tmp_path])
+    headers, rows = parse(report.markdown)
+    coco = [h for h in headers if h.startswith("COCO")]
+    assert coco == ["COCO box AP", "COCO box AP50", "COCO box AP75", "COCO mask AP", "COCO mask AP50",
+                    "COCO mask AP75"]
+    assert headers.index("VOC AP75") < headers.index("COCO box AP")
+    ra, rb = row_of(rows, "runs/a/"), row_of(rows, "runs/b/")
+    assert ra["COCO box AP"] == "40.3 ± 0.3 (n=2)" and ra["COCO mask AP"] == "36.3 ± 0.1 (n=2)"
+    assert ra["COCO box AP50"] == "60.3 ± 0.3 (n=2)" and ra["COCO mask AP75"] == "39.3 ± 0.1 (n=2)"
+    assert ra["VOC AP50"] == "82.0"  # the same checkpoint's VOC result, in the same row
+    assert rb["COCO box AP"] == "38.0 (n=1 of 2)" and rb["VOC AP"] == "–"
+    assert "- **COCO mask AP**: `moco eval coco`, COCO val2017 box or mask AP (%) of Mask R-CNN after " \
+           "fine-tuning; config fpn-1x, opts none, config sha256 c0c0c0c0c0c0" in report.markdown
+    headers, _ = parse(build_report([tmp_path / "runs", tmp_path / "voc"]).markdown)
+    assert not [h for h in headers if h.startswith("COCO")]
