@@ -196,4 +196,4 @@ def check_weights(cfg: Any, weights_path: Path, weights: dict[str, Any]) -> dict
         fresh.append("roi_heads.res5.norm (the head's extra norm layer)")
     return {"backbone_tensors": len(expected), "weight_tensors": len(weights),
             "what": "backbone/res5" if in_head else "backbone",
-            "new": f"{len(state) - len(expected)} other tensors ({', '.join(fresh)})"}
+            "new": f"the other {len(state) - len(expected)} tensors ({', '.join(fresh)})"}

@@ -200,8 +200,8 @@ def preflight(options: DetectionOptions, echo: Callable[[str], None] = print) ->
         raise SetupError(str(exc)) from exc
     options.benchmark.register(options.data_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     counts = check_weights(cfg, weights_path, weights)
-    echo(f"weights {weights_path}: all {counts['backbone_tensors']} {counts['what']} tensors load into the model "
-         f"({counts['new']} start from their default init)")
+    echo(f"weights {weights_path}: all {counts['backbone_tensors']} {counts['what']} tensors load into the model; "
+         f"{counts['new']} start from their default init")
     prep = Prepared(cfg, weights_path, fingerprint, groups, _trial_shape(cfg, options, len(visible)),
                     states={} if options.fresh else dict(check.states))  # --fresh moves the trials away below
     prep.memory = memory_preflight(prep, options, echo)
