@@ -166,12 +166,12 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 @click.option("--solver", type=click.Choice(["sgd", "lbfgs"]), default="sgd", show_default=True,
               help="lbfgs: scikit-learn logistic regression on cached features, C chosen on held-out train.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Default: the checkpoint's preset's linear settings (docs/eval.md), else 100.")
+              help="Default 100, or the checkpoint's preset's linear settings (docs/eval.md).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True,
               help="Global batch (split across torchrun processes).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Base lr; default: the checkpoint's preset's lr x batch / 256 (docs/eval.md), else 30 x batch "
-                   "/ 256.")
+              help="Base lr; default 30 x batch / 256, or the checkpoint's preset's lr per 256 images, scaled "
+                   "alike (docs/eval.md).")
 @click.option("--milestones", type=str, default=None,
               help="Epochs where lr drops x0.1, e.g. 60,80; default 60% and 80% of --epochs.")
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=2, show_default=True)
