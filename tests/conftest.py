@@ -32,8 +32,24 @@ def write_class_folders(root: Path, classes: int = 2, per_class: int = 16, size:
     return root
 
 
+FIRST = ("test_readme_default.py",)  # the longest test: under `pytest -n 2` it runs beside all the others
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker takes its share of the cores, and so do the commands its tests start: N
+    workers with all the cores' threads each would thrash them (4x slower on 2 cores)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` skip where no CUDA device is visible (CI); `pytest -m cuda` runs them on a GPU."""
+    """The longest test first (workers take files in this order: `--dist loadfile --no-loadscope-reorder`);
+    tests marked `cuda` skip where no CUDA device is visible (CI); `pytest -m cuda` runs them on a GPU."""
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA); run with `python -m pytest -m cuda` on one")

@@ -203,22 +203,3 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tiny_folder, tmp_path):
     assert torch.isfinite(torch.tensor(summary["last"]["loss"]))
     with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
         run_pretraining(tiny_cfg(tiny_folder, tmp_path / "fp16", epochs=1, amp="fp16", device="cpu"))
-
-
-@pytest.mark.slow
-def test_embedded_default_beats_random_weights_at_a_fixed_seed(tmp_path, one_thread):
-    """The README's first command (all 30 epochs) must beat random weights by at least 10 kNN points.
-
-    Pinned to the setting that was measured: CPU, CPU pipeline (the preset's one loader worker), one torch
-    thread (float reductions, and so the result, change with the thread count). Measured on this project's
-    2-core box (seed 0, `OMP_NUM_THREADS=1 moco pretrain --device cpu --data-pipeline cpu`, 2026-11-30):
-    55.56% against 28.06% for random weights. Shortened to 15 epochs the same run gave 37.2% (+9.2): the
-    cosine schedule then ends before the features have formed, so the test runs the whole schedule.
-    """
-    cfg = resolve_config(overrides={"knn_every": 0, "device": "cpu", "data_pipeline": "cpu",
-                                    "output": str(tmp_path / "run")})
-    assert cfg.preset == "scattered-digits" and cfg.head_bn and not cfg.flip and cfg.seed == 0 and cfg.epochs == 30
-    summary = run_pretraining(cfg)
-    assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 10.0, summary
-    losses = [r["loss"] for r in read_log(tmp_path / "run")]
-    assert losses[-1] < losses[0] - 1.0 and summary["last"]["acc1"] > 3.0  # loss falls, acc1 does not collapse
