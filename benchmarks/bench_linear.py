@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=None, help="default: the protocol's 30 x batch / 256")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: as `moco eval linear` (the checkpoint's preset's, else 30 x batch / 256)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
