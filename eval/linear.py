@@ -36,6 +36,7 @@ from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
+from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 from moco_transfer.signals import StoppedBySignal, StopRequest
 
 from .common import backbone_features
@@ -146,10 +147,6 @@ def evaluate(fc: nn.Module, batches: Batches, device: torch.device) -> dict[str,
     return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
 class FeatureSource:
     """Where the fc's inputs come from: a frozen backbone on images, or cached feature tensors.
 
@@ -187,10 +184,7 @@ class EpochOrder(torch.utils.data.Sampler):
         self.epoch = self.start = 0
 
     def _shard(self) -> list[int]:
-        seed = epoch_seed(self.seed, self.epoch)
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
-        if self.world > 1:
-            order = (order + order[:(-self.size) % self.world])[self.rank::self.world]
+        order = rank_share(self.size, epoch_seed(self.seed, self.epoch), self.world, self.rank, pad=True)
         return order[self.start * self.per_rank:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -215,10 +209,7 @@ class SeededViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        seed, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((seed * 1_000_003 + index) % (1 << 63))
-            return self.dataset[index]
+        return draw_item(self.dataset, *key)
 
 
 class BackboneSource(FeatureSource):

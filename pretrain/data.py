@@ -23,6 +23,7 @@ from moco_transfer.data import (
     embedded_name,
     resolve_split,
 )
+from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 
 from .config import PretrainConfig
 from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, collate_raw, resolve_pipeline, training_dtype
@@ -62,9 +63,7 @@ class SeededItems(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.epoch_seed * 1_000_003 + index) % (1 << 63))
-            return self.dataset[index]
+        return draw_item(self.dataset, self.epoch_seed, index)
 
 
 class EpochSampler(Sampler[int]):
@@ -87,8 +86,7 @@ class EpochSampler(Sampler[int]):
         self.start = batch
 
     def _indices(self) -> list[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        mine = order[:self.size - self.size % self.world][self.rank::self.world]
+        mine = rank_share(self.size, self.seed, self.world, self.rank)
         return mine[:len(mine) - len(mine) % self.batch_size][self.start * self.batch_size:]
 
     def __iter__(self) -> Iterator[int]:
@@ -128,10 +126,6 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     augment = BatchedMocoAugment(cfg.image_size, crop_min=cfg.crop_min, aug_plus=cfg.aug_plus, flip=cfg.flip,
                                  out_dtype=training_dtype(cfg), memory_format=memory_format)
     return DevicePipeline(loader, augment, device)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
 
 
 def seed_epoch(loader: DataLoader | DevicePipeline, seed: int, epoch: int) -> None:
