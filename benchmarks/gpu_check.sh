@@ -11,8 +11,8 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     echo "gpu_check: no CUDA device is visible to $PYTHON (torch.cuda.is_available() is False); nothing to check"
     exit 1
 fi
-if ! "$PYTHON" -c "import pytest" 2>/dev/null; then  # the GPU machine has no registry: wheels from gpu_wheels.sh
-    "$PYTHON" -m pip install --quiet --no-index --find-links .gpu_wheels pytest
+if ! "$PYTHON" -c "import pytest, xdist" 2>/dev/null; then  # no registry there: wheels from gpu_wheels.sh
+    "$PYTHON" -m pip install --quiet --no-index --find-links .gpu_wheels pytest pytest-xdist
 fi
 if [ -d .gpu_detectron2/detectron2 ]; then  # detectron2's Python sources (gpu_detectron2.sh): the VOC part runs
     export PYTHONPATH="$PWD/.gpu_detectron2${PYTHONPATH:+:$PYTHONPATH}"
