@@ -4,10 +4,10 @@ Rows are checkpoints (the same sha256, or else the same resolved path, is one ro
 lands there) with the recipe switches of their pretraining config. With `group_by="recipe"` the checkpoints of
 one recipe (its seeds) become one row: mean ± std of their per-checkpoint values, n = checkpoints.
 
-Columns are linear top-1, kNN top-1 and VOC AP50/AP/AP75. A column holds ONE protocol: a result measured
-another way (linear mode, epochs, lr or data; kNN source, k, T or data; VOC config) gets a column of its own
-whose header names what differs, and the full protocol of every column is listed under the table. A cell with
-no result is "–"; nothing is filled in.
+Columns are linear top-1, kNN top-1, VOC AP50/AP/AP75 and, when some row has them, COCO box and mask AP/AP50/AP75.
+A column holds ONE protocol: a result measured another way (linear mode, epochs, lr or data; kNN source, k, T or
+data; detection config or opts) gets a column of its own whose header names what differs, and the full protocol
+of every column is listed under the table. A cell with no result is "–"; nothing is filled in.
 """
 
 from __future__ import annotations
@@ -28,17 +28,15 @@ import yaml
 from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
 
-from .detection.benchmarks import VOC, get_benchmark
+from .detection.benchmarks import COCO, VOC, get_benchmark
 from .detection.trials import RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 from .plots import save_bars
 
-FAMILIES = ("linear top-1", "kNN top-1", "VOC AP50", "VOC AP", "VOC AP75", "COCO box AP", "COCO box AP50",
-            "COCO box AP75", "COCO mask AP", "COCO mask AP50", "COCO mask AP75")
-# Detection columns: (benchmark, evaluator task, metric) -> family, in each benchmark's paper order.
-DETECTION_FAMILY = {("voc", "bbox", "AP50"): "VOC AP50", ("voc", "bbox", "AP"): "VOC AP",
-                    ("voc", "bbox", "AP75"): "VOC AP75",
-                    **{("coco", task, key): f"COCO {label} {key}" for task, label in (("bbox", "box"), ("segm", "mask"))
-                       for key in ("AP", "AP50", "AP75")}}
+# Detection columns: (benchmark, evaluator task, metric) -> family, each benchmark's trial-line metrics in its
+# paper's order ("VOC AP50", ..., "COCO box AP", ..., "COCO mask AP75").
+DETECTION_FAMILY = {(bm.name, task, key): f"{bm.name.upper()} {'' if bm.flat else bm.task_labels[task] + ' '}{key}"
+                    for bm in (VOC, COCO) for task in bm.tasks for key in bm.line_keys}
+FAMILIES = ("linear top-1", "kNN top-1", *DETECTION_FAMILY.values())
 # Families shown only when some row has a result: COCO is optional (a day of GPU time per trial), and six empty
 # columns on every table would hide the tech report's own layout (linear, kNN, VOC).
 OPTIONAL_FAMILIES = frozenset(f for f in FAMILIES if f.startswith("COCO"))
