@@ -8,8 +8,11 @@ Pretraining and the linear probe both read it, which is why it lives on the grou
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -60,3 +63,55 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exit_when_parent_signals(signals: tuple[int, ...]) -> None:
+    """A loader worker's thread: takes the blocked stop signals one at a time; a signal from the worker's parent
+    (its `terminate`, e.g. multiprocessing's exit hook) ends the worker by that signal, as before; any other sender
+    (the job's signal to every process) is dropped."""
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_pid == os.getppid():
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
+            signal.pthread_kill(threading.get_ident(), info.si_signo)  # default action: the process ends
+
+
+def _shield_worker(worker_id: int, then: Callable[[int], Any] | None = None) -> None:
+    if hasattr(signal, "sigwaitinfo"):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)  # replaces PyTorch's handler; the signals wait, blocked, for the thread
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+        threading.Thread(target=_exit_when_parent_signals, args=(STOP_SIGNALS,), daemon=True,
+                         name="stop-signal-filter").start()
+    else:  # no sigwaitinfo (macOS): ignore them; the parent's normal shutdown still ends the worker
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def loader_worker_init(then: Callable[[int], Any] | None = None) -> Callable[[int], None]:
+    """A DataLoader `worker_init_fn` that lets loader workers outlive the job's stop signal.
+
+    Slurm (time limit, scancel, preemption), torchrun's agent and GNU timeout signal every process of the job,
+    loader workers included. PyTorch's worker handler re-raises a SIGTERM that its parent did not send, the
+    worker dies, and the parent's SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal" before
+    the run can save: the mid-epoch checkpoint and exit 75 never happen. Workers only read and augment, so they
+    have nothing to save: here they drop a stop signal unless their parent sent it (which PyTorch's own handler
+    checks the other way round), and the parent decides when they stop.
+    `then` runs after (another init function, e.g. detectron2's reseeding). Picklable, for any start method.
+    """
+    return functools.partial(_shield_worker, then=then)
+
+
+def shut_down_workers(batches: Any) -> None:
+    """Stop a loader's worker processes now: an iterator of a DataLoader, or a DataLoader with persistent
+    workers. Called from `finally` blocks, so that a stopped run's workers end with it rather than when the
+    interpreter's exit hooks get to them (PyTorch's own shutdown does nothing by then). Anything else is left
+    alone."""
+    iterator = getattr(batches, "_iterator", batches)  # a DataLoader keeps its persistent iterator there
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if iterator is not batches and hasattr(batches, "_iterator"):
+        batches._iterator = None

@@ -24,6 +24,7 @@ from moco_transfer.data import (
     resolve_split,
 )
 from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
+from moco_transfer.signals import loader_worker_init
 
 from .config import PretrainConfig
 from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, collate_raw, resolve_pipeline, training_dtype
@@ -116,7 +117,7 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
         pin_memory=device.type == "cuda", collate_fn=collate_raw if gpu else collate_with_skips,
-        generator=torch.Generator(), persistent_workers=False,
+        generator=torch.Generator(), persistent_workers=False, worker_init_fn=loader_worker_init(),
     )
     if not gpu:
         return loader

@@ -29,6 +29,7 @@ from moco_transfer.checkpoint import (
 )
 from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_atomic
 from moco_transfer.progress import progress, write
+from moco_transfer.signals import shut_down_workers
 
 from .config import ConfigError, PretrainConfig, save_resolved
 from .curves import save_pretrain_curves
@@ -245,10 +246,11 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             if save and steps < len(loader):
                 control.save(position())
                 last_save = time.perf_counter()
-    finally:  # a device pipeline's producer thread stops here, also when the step raised or on Ctrl-C
+    finally:  # loader workers and a device pipeline's producer thread stop here, also on an error or Ctrl-C
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+        shut_down_workers(batches)
     if read < steps:
         read_figures()
     bar.close()
