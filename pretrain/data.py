@@ -142,10 +142,22 @@ def seed_epoch(loader: DataLoader | DevicePipeline, seed: int, epoch: int) -> No
     torch.manual_seed(base + 104_729 * (du.rank() + 1))
 
 
-def start_epoch_at(loader: DataLoader | DevicePipeline, batch: int, pipeline_state: torch.Tensor | None) -> None:
-    """After seed_epoch: begin the epoch at `batch`, with the device pipeline's generator where it stood then."""
+def start_epoch_at(loader: DataLoader | DevicePipeline, batch: int, pipeline_state: torch.Tensor | None) -> str | None:
+    """After seed_epoch: begin the epoch at `batch`, with the device pipeline's generator where it stood then.
+
+    A state from the other generator kind (a CUDA Philox state is 16 bytes, a CPU Mersenne one 5,056) cannot be
+    set: the run then keeps its place, with the generator as seed_epoch left it, and the returned note says
+    that the rest of the epoch draws other views than the stopped run would have. (The same holds, unnoticed,
+    across GPU models: Philox's output depends on the launch geometry; see docs/cluster.md.)
+    """
+    note = None
     if isinstance(loader, DevicePipeline):
-        if pipeline_state is not None:
+        if pipeline_state is not None and pipeline_state.numel() == loader.generator.get_state().numel():
             loader.generator.set_state(pipeline_state)
+        elif pipeline_state is not None:
+            note = (f"the mid-epoch checkpoint's device-pipeline generator state is not a {loader.device.type} one "
+                    f"(written on another device type): the rest of this epoch draws other views than the stopped "
+                    f"run would have; the batches and their order are the same")
         loader = loader.loader
     loader.sampler.start_at(batch)
+    return note

@@ -363,7 +363,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
             control = EpochControl(stop=stop, save=save_mid_epoch, save_every_s=cfg.checkpoint_every_min * 60.0,
                                    read_every=read_every)
             if position is not None and position.epoch == epoch:
-                start_epoch_at(loader, position.step, rng_states.get("pipeline"))
+                note = start_epoch_at(loader, position.step, rng_states.get("pipeline"))
+                if note:
+                    log(note)
                 restore_random_states(rng_states, device)
                 control.start, position = position, None
             stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr, control)
