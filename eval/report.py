@@ -6,8 +6,10 @@ one recipe (its seeds) become one row: mean ± std of their per-checkpoint value
 
 Columns are linear top-1, kNN top-1, VOC AP50/AP/AP75 and, when some row has them, COCO box and mask AP/AP50/AP75.
 A column holds ONE protocol: a result measured another way (linear mode, epochs, lr or data; kNN source, k, T or
-data; detection config or opts) gets a column of its own whose header names what differs, and the full protocol
-of every column is listed under the table. A cell with no result is "–"; nothing is filled in.
+data; detection training target, by its config hash whatever the config file was called) gets a column of its
+own whose header names what differs, and the full protocol of every column is listed under the table. A cell
+with no result is "–"; nothing is filled in. Results belong to the checkpoint whose sha256 they recorded: those
+of a checkpoint since replaced at its path are a stale row of their own, never credited to the new file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
 
 from .detection.benchmarks import COCO, VOC, get_benchmark
+from .detection.prepare import EXECUTION_KEYS
 from .detection.trials import RUN_FILE, SUMMARY_JSON, SUPERSEDED, read_metrics
 from .plots import save_bars
 
@@ -127,6 +130,7 @@ class Row:
     baseline: tuple[Any, ...] | None = None  # random init: (arch, small_images, image_size)
     differs: list[tuple[str, str]] = field(default_factory=list)  # recipe fields that set it apart from look-alikes
     base_label: str = ""  # the label before those fields were added to it
+    stale: str | None = None  # results of a checkpoint replaced at its path since: the sha256 they were computed on
 
 
 @dataclass
@@ -162,7 +166,7 @@ def _read_config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise _Unusable(f"{path.name} is not readable YAML ({exc})") from None
     return data if isinstance(data, dict) else None
 
@@ -207,7 +211,11 @@ def read_pretrain_run(folder: Path, hashes: dict[Path, str]) -> list[Found]:
     summary = _read_json(folder / "pretrain.json") if (folder / "pretrain.json").is_file() else {}
     history: list[dict[str, Any]] = []
     if (folder / "log.jsonl").is_file():
-        for n, line in enumerate((folder / "log.jsonl").read_text().splitlines(), 1):
+        try:
+            log = (folder / "log.jsonl").read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Unusable(f"log.jsonl is not readable text ({type(exc).__name__}: {exc})") from None
+        for n, line in enumerate(log.splitlines(), 1):
             if line.strip():
                 try:
                     history.append(json.loads(line))
@@ -273,6 +281,43 @@ def read_knn(path: Path, knn_ks: Sequence[int]) -> list[Found]:
                   sha256=d.get("checkpoint_sha256"), trained_epochs=d.get("epoch"))]
 
 
+def config_name(bm: Any, config: str) -> str:
+    """A detection config by one name however it was given: the --config choice of a shipped file (`c4-24k` for
+    `voc_R_50_C4_24k_moco.yaml`), else the file's name."""
+    name = Path(config).name
+    return next((choice for choice, file in bm.configs.items() if config == choice or name == file), name)
+
+
+def target_opts(opts: Sequence[Any]) -> str:
+    """The --opts pairs that change what a trial optimises; execution settings (workers, checkpoint period, ...)
+    are left out, as run.json's config hash leaves them out."""
+    items = list(map(str, opts))
+    pairs = [f"{k} {v}" for k, v in zip(items[::2], items[1::2], strict=False) if k not in EXECUTION_KEYS]
+    return " ".join(pairs) or "none"
+
+
+def merge_detection_protocols(found: Sequence[Found]) -> None:
+    """One detection protocol, one column: results with the same training-target hash (run.json's config_sha256)
+    get the same Protocol, whatever the config was called (`c4-24k`, the shipped file's name or a copy of it) or
+    whichever no-op --opts were given; the column names every spelling seen. Results without a hash keep theirs."""
+    spellings: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
+    for f in found:
+        for m in f.measurements:
+            attrs = dict(m.protocol.attrs)
+            if "config sha256" in attrs and attrs["config sha256"] != "?":
+                seen = spellings.setdefault((m.protocol.family, attrs["config sha256"]), {"config": {}, "opts": {}})
+                seen["config"][attrs["config"]] = None
+                seen["opts"][attrs["opts"]] = None
+    for f in found:
+        for m in f.measurements:
+            attrs = dict(m.protocol.attrs)
+            seen = spellings.get((m.protocol.family, attrs.get("config sha256", "?")))
+            if seen is not None:
+                merged = (("config", " / ".join(sorted(seen["config"]))), ("opts", " / ".join(sorted(seen["opts"]))),
+                          ("config sha256", attrs["config sha256"]))
+                m.protocol = Protocol(m.protocol.family, merged)
+
+
 def read_detection_run(folder: Path) -> list[Found]:
     """Finished trials of `moco eval voc` or `moco eval coco` from trial_<k>/metrics.json (summary.json's list when
     the trial folders are gone). The benchmark is the one summary.json or run.json names (VOC before they did)."""
@@ -292,8 +337,8 @@ def read_detection_run(folder: Path) -> list[Found]:
         trials = [v for t in summary.get("trials") or [] if isinstance(t, dict) and (v := bm.values(t))]
     if not trials:
         raise _Unusable(f"a {bm.name.upper()} run folder without a finished trial")
-    attrs = (("config", Path(str(summary.get("config") or "?")).name),
-             ("opts", " ".join(map(str, summary.get("opts") or [])) or "none"),
+    attrs = (("config", config_name(bm, str(summary.get("config") or "?"))),
+             ("opts", target_opts(summary.get("opts") or [])),
              ("config sha256", str(run.get("config_sha256") or "?")[:12]))
     measurements = []
     for (name, task, key), family in DETECTION_FAMILY.items():
@@ -395,7 +440,13 @@ def _display_path(path: Path) -> str:
 
 
 def _checkpoint_recipe(path: Path, sha: str | None, hashes: dict[Path, str]) -> tuple[dict | None, int | None]:
-    """The pretraining config of a checkpoint: its run folder's config.yaml, else the checkpoint's own entry."""
+    """The pretraining config of a checkpoint: its run folder's config.yaml, else the checkpoint's own entry.
+
+    Neither when the file at `path` is no longer the one evaluated (`sha`): a run started again in its folder
+    rewrote config.yaml along with the checkpoint, so the folder describes the new checkpoint, not this one.
+    """
+    if sha is not None and path.is_file() and _sha(path, hashes) != sha:
+        return None, None  # replaced since it was evaluated
     folder = path.parent
     is_run = (folder / "log.jsonl").is_file() or (folder / "pretrain.json").is_file()
     if is_run and (folder / "config.yaml").is_file():
@@ -405,8 +456,8 @@ def _checkpoint_recipe(path: Path, sha: str | None, hashes: dict[Path, str]) -> 
             cfg = None
         if cfg is not None:
             return cfg, None
-    if not path.is_file() or (sha is not None and _sha(path, hashes) != sha):
-        return None, None  # gone, or replaced since it was evaluated
+    if not path.is_file():
+        return None, None  # gone
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -422,8 +473,13 @@ def _checkpoint_recipe(path: Path, sha: str | None, hashes: dict[Path, str]) -> 
 
 
 def _subjects(found: Sequence[Found]) -> dict[tuple[Any, ...], list[Found]]:
-    """One group per checkpoint: the same sha256, else the same absolute path; random inits per (arch, seed)."""
-    sha_of_path = {str(f.checkpoint): f.sha256 for f in found if f.checkpoint and f.sha256}
+    """One group per checkpoint: the same sha256, else the same absolute path; random inits per (arch, seed).
+
+    A result that recorded only a path joins the sha256 of the file a pretraining run holds there now (else that
+    of any result of the path); results that recorded a sha256 stay with it, even when the file has changed since.
+    """
+    sha_of_path = {str(f.checkpoint): f.sha256 for f in found if f.checkpoint and f.sha256 and f.kind != "pretrain"}
+    sha_of_path |= {str(f.checkpoint): f.sha256 for f in found if f.checkpoint and f.sha256 and f.kind == "pretrain"}
     groups: dict[tuple[Any, ...], list[Found]] = {}
     for f in found:
         if f.kind == "random init":
@@ -475,12 +531,17 @@ def _checkpoint_row_cells(key: tuple[Any, ...], members: list[Found], hashes: di
     trained = next((f.trained_epochs for f in members if isinstance(f.trained_epochs, int)), None)
     path = next((f.checkpoint for f in runs if f.checkpoint), None) or next(
         (f.checkpoint for f in members if f.checkpoint), None)
+    stale = None
+    if not runs and path is not None and key[0] == "sha" and path.is_file() and _sha(path, hashes) != key[1]:
+        stale = key[1]  # evaluated on a checkpoint that a later run replaced at this path
     if recipe is None and path is not None:
         recipe, epoch = _checkpoint_recipe(path, key[1] if key[0] == "sha" else None, hashes)
         trained = trained if trained is not None else epoch
     if recipe is not None and not seeds and isinstance(recipe.get("seed"), int):
         seeds = [recipe["seed"]]
-    if path is not None:
+    if stale is not None:
+        label = f"{_display_path(path)} (stale: sha256 {stale[:12]}, since replaced)"
+    elif path is not None:
         label = _display_path(path)
     elif runs:
         label = f"{_display_path(runs[0].source)} (checkpoint file not found)"
@@ -489,7 +550,7 @@ def _checkpoint_row_cells(key: tuple[Any, ...], members: list[Found], hashes: di
         label = recorded or "?"
         if key[0] == "sha":
             label += f" (sha256 {key[1][:12]})"
-    return Row(label, recipe, trained, cells, sources, seeds)
+    return Row(label, recipe, trained, cells, sources, seeds, stale=stale)
 
 
 def _recipe_key(row: Row) -> tuple[Any, ...]:
@@ -689,6 +750,18 @@ def _pooling_notes(rows: list[Row], columns: list[Protocol | str], headers: list
             f"{per_checkpoint}):", *(_escape(line) for line in lines)]
 
 
+def _stale_notes(rows: list[Row]) -> list[str]:
+    """The rows of results whose checkpoint file has been replaced since: what they are and why they stand alone."""
+    stale = [row for row in rows if row.stale]
+    if not stale:
+        return []
+    lines = [f"- {row.label}: from {', '.join(_source_folder(s) for s in row.sources)}" for row in stale]
+    return ["", "Stale rows (results computed on a checkpoint whose file has since been replaced at its path, e.g. "
+            "by a new run in the same folder; matched by the sha256 the results recorded, so they are neither "
+            "credited to the file there now nor given its recipe, and --group-by recipe never pools them):",
+            *(_escape(line) for line in lines)]
+
+
 def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: list[str], group_by: str,
                     paths: Sequence[str | os.PathLike], sources: list[Path], skipped: list[str],
                     decimals: int = 1) -> str:
@@ -709,6 +782,7 @@ def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: lis
         "epochs a/b: a checkpoint taken after a of b scheduled epochs. random init: the same architecture with "
         "random weights, measured by the pretraining runs' kNN monitor (runs with one seed count once).",
         *_pooling_notes(rows, columns, headers, group_by),
+        *_stale_notes(rows),
         "",
         "Columns (each holds one protocol; results measured another way get a column of their own):",
         *(_column_note(c, h) for c, h in zip(columns, headers, strict=True)),
@@ -726,6 +800,7 @@ def build_report(paths: Sequence[str | os.PathLike], group_by: str = "checkpoint
     if group_by not in GROUP_BY:
         raise ReportError(f"--group-by {group_by!r}: expected one of {', '.join(GROUP_BY)}")
     found, skipped, sources = collect(paths, tuple(knn_ks) if knn_ks else (DEFAULT_KNN_K,))
+    merge_detection_protocols(found)
     hashes: dict[Path, str] = {}
     rows = [_checkpoint_row(key, members, hashes) for key, members in _subjects(found).items()]
     if group_by == "recipe":

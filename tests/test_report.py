@@ -200,7 +200,7 @@ def test_voc_trials_give_mean_std_and_count(tmp_path: Path) -> None:
     report = build_report([tmp_path / "voc"])  # without the runs: tied by sha256 only, recipe unknown
     _, rows = parse(report.markdown)
     assert len(rows) == 2 and all("(sha256 " in r["checkpoint"] and r["MLP"] == "–" for r in rows)
-    assert "config voc_R_50_C4_24k_moco.yaml, opts none, config sha256 c0ffeec0ffee" in report.markdown
+    assert "config c4-24k, opts none, config sha256 c0ffeec0ffee" in report.markdown  # the shipped file's choice
     assert "superseded: superseded VOC trials, not reported" in report.markdown
     _, rows = parse(build_report([tmp_path / "voc" / "a" / "superseded"]).markdown)  # asked for by name
     assert len(rows) == 1 and rows[0]["VOC AP50"] == "10.0 (n=1 of 5)"
@@ -293,8 +293,8 @@ def test_two_voc_protocols_keep_separate_columns(tmp_path: Path) -> None:
     report = build_report([tmp_path])
     headers, rows = parse(report.markdown)
     ap50 = [h for h in headers if h.startswith("VOC AP50")]
-    assert ap50 == ["VOC AP50 (voc_R_50_C4_24k_moco.yaml, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)",
-                    "VOC AP50 (voc_R_50_C4_24k_moco.yaml, opts none, config sha256 c0ffeec0ffee)",
+    assert ap50 == ["VOC AP50 (c4-24k, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)",
+                    "VOC AP50 (c4-24k, opts none, config sha256 c0ffeec0ffee)",
                     "VOC AP50 (voc_R_50_FPN_moco.yaml, opts none, config sha256 fbfbfbfbfbfb)"]
     short, full, fpn = ap50
     ra, rb = row_of(rows, "runs/a/"), row_of(rows, "runs/b/")
@@ -302,8 +302,8 @@ def test_two_voc_protocols_keep_separate_columns(tmp_path: Path) -> None:
     assert (rb[full], rb[short], rb[fpn]) == ("–", "–", "70.0")
     assert sum(h.startswith("VOC AP (") for h in headers) == sum(h.startswith("VOC AP75") for h in headers) == 3
     assert "Pooled cells" not in report.markdown and "pooled" not in ra[full]
-    assert "- **VOC AP (voc_R_50_C4_24k_moco.yaml, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)**: " \
-           "`moco eval voc`, VOC07 test box AP (%) after fine-tuning; config voc_R_50_C4_24k_moco.yaml, " \
+    assert "- **VOC AP (c4-24k, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)**: " \
+           "`moco eval voc`, VOC07 test box AP (%) after fine-tuning; config c4-24k, " \
            "opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a" in report.markdown
 
 
@@ -456,3 +456,72 @@ def test_coco_runs_give_box_and_mask_columns(tmp_path: Path) -> None:
            "fine-tuning; config fpn-1x, opts none, config sha256 c0c0c0c0c0c0" in report.markdown
     headers, _ = parse(build_report([tmp_path / "runs", tmp_path / "voc"]).markdown)
     assert not [h for h in headers if h.startswith("COCO")]
+
+
+def test_results_of_a_replaced_checkpoint_are_stale_not_credited_to_the_new_recipe(tmp_path: Path) -> None:
+    """A pretraining run started again in its folder replaces checkpoint_0007 and config.yaml: the results
+    computed on the old file (their recorded sha256) are not the new file's, nor of the new recipe, nor pooled
+    with it by --group-by recipe; they stand on a row of their own that says why."""
+    old = write_run(tmp_path / "runs" / "a", seed=0, **V1)
+    write_linear(tmp_path / "lin" / "a_old", old, 60.0)
+    write_voc(tmp_path / "voc" / "a_old", old, [(80.0, 55.0, 60.0)], requested=1)
+    new = write_run(tmp_path / "runs" / "a", seed=0, **V2)  # the same path, another recipe
+    assert new == old
+    write_linear(tmp_path / "lin" / "a_new", new, 70.0)
+    other = write_run(tmp_path / "runs" / "c", seed=1, **V2)
+    write_linear(tmp_path / "lin" / "c", other, 72.0)
+
+    report = build_report([tmp_path])
+    _, rows = parse(report.markdown)
+    current = [r for r in rows if r["checkpoint"].endswith("runs/a/checkpoint_0007.pth.tar")]
+    stale = [r for r in rows if "(stale: sha256 " in r["checkpoint"]]
+    assert len(current) == 1 and len(stale) == 1
+    assert current[0]["linear top-1"] == "70.0" and current[0]["VOC AP50"] == "–" and current[0]["MLP"] == "✓"
+    assert stale[0]["checkpoint"].startswith(str(tmp_path / "runs" / "a" / "checkpoint_0007.pth.tar"))
+    assert stale[0]["linear top-1"] == "60.0" and stale[0]["VOC AP50"] == "80.0"
+    assert stale[0]["MLP"] == "–" and stale[0]["cos"] == "–"  # neither recipe: the old one is gone, the new isn't its
+    assert "Stale rows (results computed on a checkpoint whose file has since been replaced" in report.markdown
+
+    _, rows = parse(build_report([tmp_path], group_by="recipe").markdown)
+    v2 = [r for r in rows if r["recipe"].startswith("digits (seeds 0, 1)")]
+    assert len(v2) == 1 and v2[0]["linear top-1"] == "71.0 ± 1.4 (n=2)" and v2[0]["VOC AP50"] == "–"
+    assert [r["linear top-1"] for r in rows if "(stale: " in r["recipe"]] == ["60.0"]
+
+
+def test_one_detection_protocol_is_one_column_whatever_its_config_was_called(tmp_path: Path) -> None:
+    """`--config c4-24k`, the default `voc_R_50_C4_24k_moco.yaml` and a copy of it train the same target (the
+    same config hash): one column, pooled, its note naming every spelling; execution --opts (workers) do not
+    make a protocol either. Another hash keeps its own column."""
+    a = write_run(tmp_path / "runs" / "a", seed=0)
+    write_voc(tmp_path / "voc" / "file", a, [(82.0, 57.0, 63.0)], requested=1)
+    write_voc(tmp_path / "voc" / "choice", a, [(82.4, 57.4, 63.4)], requested=1, config="c4-24k",
+              opts=("DATALOADER.NUM_WORKERS", "8"))
+    write_voc(tmp_path / "voc" / "copy", a, [(82.2, 57.2, 63.2)], requested=1, config="/cfgs/my_voc.yaml")
+    report = build_report([tmp_path])
+    headers, rows = parse(report.markdown)
+    assert [h for h in headers if h.startswith("VOC")] == ["VOC AP50", "VOC AP", "VOC AP75"]
+    assert rows[0]["VOC AP50"] == "82.2 ± 0.2 (n=3, pooled)"
+    assert "- **VOC AP50**: `moco eval voc`, VOC07 test box AP (%) after fine-tuning; config c4-24k / my_voc.yaml, " \
+           "opts none, config sha256 c0ffeec0ffee" in report.markdown
+
+    write_voc(tmp_path / "voc" / "short", a, [(80.0, 54.0, 60.0)], requested=1, config="c4-24k",
+              opts=("SOLVER.MAX_ITER", "12000"), config_sha256="0a" * 32)
+    headers, rows = parse(build_report([tmp_path]).markdown)
+    assert [h for h in headers if h.startswith("VOC AP50")] == [
+        "VOC AP50 (c4-24k, opts SOLVER.MAX_ITER 12000, config sha256 0a0a0a0a0a0a)",
+        "VOC AP50 (c4-24k / my_voc.yaml, opts none, config sha256 c0ffeec0ffee)"]
+
+
+def test_a_trial_whose_metrics_are_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """A metrics.json with invalid UTF-8 (a disk or copy error) is a damaged trial like a torn one: the run's other
+    trials are reported, as are the other folders."""
+    a = write_run(tmp_path / "runs" / "a", seed=0)
+    write_voc(tmp_path / "voc" / "a", a, [(82.0, 57.0, 63.0), (82.4, 57.4, 63.4)], requested=2)
+    (trial_dir(tmp_path / "voc" / "a", 1) / "metrics.json").write_bytes(
+        b'{"AP50": 82.4, "AP": 57.4, "AP75": 63.4, "seed": 1, "note": "\xe9\xff"}')
+    (tmp_path / "runs" / "b").mkdir()
+    (tmp_path / "runs" / "b" / "knn.json").write_bytes(b'{"knn": "\xff"}')
+    report = build_report([tmp_path])
+    _, rows = parse(report.markdown)
+    assert row_of(rows, "runs/a/")["VOC AP50"] == "82.0 (n=1 of 2)"
+    assert "knn.json: not readable JSON (UnicodeDecodeError" in report.markdown

@@ -24,6 +24,7 @@ from moco_transfer.eval.detection.trials import (
     precision_of,
     read_metrics,
     read_oom,
+    read_progress,
     read_run,
     summarize,
     supersede,
@@ -118,6 +119,33 @@ def test_run_mismatch_counts_the_trials_at_stake(tmp_path):
     assert "1 finished trial(s) (0) and 1 interrupted trial(s) with a checkpoint (1)" in msg
     assert "SOLVER.BASE_LR 0.02 -> 0.01" in msg and "--fresh" in msg and "another --output" in msg
     (tmp_path / "run.json").write_text("{oops")
+    with pytest.raises(RunMismatch, match="not valid JSON"):
+        inspect_run(tmp_path, _fp())
+
+
+def test_files_that_are_not_utf8_count_as_damaged(tmp_path):
+    """Invalid UTF-8 in a trial's metrics.json (a disk or copy error) is a damaged record like a torn write: the
+    pre-flight's reading of the folder goes on and the trial is redone; progress, OOM and stop records alike;
+    run.json is refused with the message of an invalid one."""
+    bad = b'{"AP": 50.0, "AP50": 80.0, "AP75": 55.0, "seed": 1, "note": "\xe9\xff"}'
+    update_run(tmp_path, **_fp())
+    write_metrics(trial_dir(tmp_path, 0), {"AP": 1.0, "AP50": 2.0, "AP75": 3.0}, seed=0)
+    t1 = trial_dir(tmp_path, 1)
+    t1.mkdir()
+    for name in ("metrics.json", "progress.json", "oom_rank0.json", "stopped.json"):
+        (t1 / name).write_bytes(bad)
+    assert read_metrics(t1) is None and trial_state(t1) is TrialState.NEW
+    assert read_progress(t1) is None and read_oom(t1) is None
+    (t1 / "last_checkpoint").write_text("model_0000001.pth")
+    check = inspect_run(tmp_path, _fp())  # what the runner's pre-flight reads
+    assert check.finished == [0] and check.interrupted == [1] and check.differences == []
+    assert summarize(tmp_path, 2)["trials_finished"] == 1
+    from moco_transfer.eval.detection.runner import DetectionOptions, stopped_error
+    from moco_transfer.signals import StopRequest
+
+    options = DetectionOptions(checkpoint=tmp_path / "c.pth", data_root=tmp_path, output=tmp_path, trials=2)
+    assert "trial 2/2 (seed 1) stopped by a signal (resumes from" in str(stopped_error(options, [1], StopRequest()))
+    (tmp_path / "run.json").write_bytes(b'{"version": 2, "note": "\xff"}')
     with pytest.raises(RunMismatch, match="not valid JSON"):
         inspect_run(tmp_path, _fp())
 

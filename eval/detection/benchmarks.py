@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_transfer.detection_configs import COCO_C4_1X, COCO_C4_2X, COCO_FPN_1X, COCO_FPN_2X, VOC_24K
+from moco_transfer.fileio import sha256_file
 
 from . import layouts
 
@@ -43,10 +44,20 @@ class Reference:
 
 @dataclass(frozen=True)
 class Layout:
-    """What a dataset check found: images per dataset, and the number of categories when the files say it."""
+    """What a dataset check found: images per dataset, and the number of categories when the files say it.
+
+    `identity`: per dataset, the sha256 of the file that says which images it holds (VOC's split file, COCO's
+    annotation file). It tells a subset from the full set wherever the root lies, so run.json can pin the data
+    and still let a resume read the same files from a copy elsewhere (a job's node-local scratch disk).
+    """
 
     counts: dict[str, int]
     classes: int | None = None
+    identity: dict[str, str] = field(default_factory=dict)
+
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        """What run.json records of the data: images and defining-file sha256 per dataset."""
+        return {name: {"images": n, "sha256": self.identity.get(name)} for name, n in sorted(self.counts.items())}
 
 
 @dataclass(frozen=True)
@@ -131,11 +142,17 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _identity(files: Mapping[str, Path], counts: Mapping[str, int]) -> dict[str, str]:
+    """sha256 of each checked dataset's defining file (`Layout.identity`)."""
+    return {name: sha256_file(path) for name, path in files.items() if name in counts}
+
+
 # --- VOC ------------------------------------------------------------------------------------------------------
 
 
 def _voc_layout(root: Path, names: Sequence[str]) -> Layout:
-    return Layout(layouts.check_voc_root(root, names))
+    counts = layouts.check_voc_root(root, names)
+    return Layout(counts, identity=_identity(layouts.voc_defining_files(root, names), counts))
 
 
 def _voc_evaluator(dataset_name: str, output_folder: str | None) -> Any:
@@ -163,7 +180,7 @@ VOC = Benchmark(
 
 def _coco_layout(root: Path, names: Sequence[str]) -> Layout:
     counts, classes = layouts.check_coco_root(root, names)
-    return Layout(counts, classes)
+    return Layout(counts, classes, _identity(layouts.coco_defining_files(root, names), counts))
 
 
 def _coco_evaluator(dataset_name: str, output_folder: str | None) -> Any:

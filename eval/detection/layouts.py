@@ -109,6 +109,17 @@ def check_voc_root(root: str | os.PathLike, names: Iterable[str], max_listed: in
     return counts
 
 
+def voc_defining_files(root: str | os.PathLike, names: Iterable[str]) -> dict[str, Path]:
+    """The file that says which images a VOC dataset holds: its split file (ImageSets/Main/<split>.txt)."""
+    return {name: Path(root) / VOC_SPLITS[name][0] / "ImageSets" / "Main" / f"{VOC_SPLITS[name][1]}.txt"
+            for name in voc_names(names)}
+
+
+def coco_defining_files(root: str | os.PathLike, names: Iterable[str]) -> dict[str, Path]:
+    """The file that says which images and annotations a COCO dataset holds: its instances JSON."""
+    return {name: Path(root) / COCO_SPLITS[name][1] for name in coco_names(names)}
+
+
 def _read_coco_json(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:

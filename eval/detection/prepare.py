@@ -1,16 +1,17 @@
 """What a detection run is made of, worked out before any trial: its config, its fingerprint and its weights.
 
 `build_config` reads the shipped or user YAML, applies the fewer-GPU rule and --amp, then --opts, and points the
-datasets at the user's root. `run_fingerprint` is what run.json pins (the checkpoint and the training target).
-`prepare_weights` converts a MoCo checkpoint to detectron2's format once per folder, and `check_weights` proves
-that every pretrained tensor reaches the built model (no silent partial load), whatever the model: R50-C4 (res5
-in the box head) or R50-FPN (the ResNet under `backbone.bottom_up`).
+datasets at the user's root. `run_fingerprint` is what run.json pins (the checkpoint, the training target, the
+data and the base seed). `prepare_weights` converts a MoCo checkpoint to detectron2's format once per folder,
+and `check_weights` proves that every pretrained tensor reaches the built model (no silent partial load),
+whatever the model: R50-C4 (res5 in the box head) or R50-FPN (the ResNet under `backbone.bottom_up`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,27 @@ def _legacy_config_sha256(cfg: Any) -> str:
     return hashlib.sha256(c.dump().encode()).hexdigest()
 
 
-def run_fingerprint(cfg: Any, checkpoint_sha256: str) -> dict[str, Any]:
-    """What run.json pins: the checkpoint and the training target; precision, GPUs and workers are free."""
+def run_fingerprint(cfg: Any, checkpoint_sha256: str, data_root: str | os.PathLike | None = None,
+                    seed: int | None = None, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What run.json pins: the checkpoint, the training target, the data and the base seed; precision, GPUs and
+    workers are free.
+
+    A trial's result depends on the images it trained and was tested on and on its seed as much as on the config:
+    without them in the pin, trials finished on a subset count as finished for the full set, and a run with
+    another --seed skips every trial. `datasets` (`Layout.datasets`) identifies the data by content; the root
+    (resolved) is kept to name it, and compared only when the content cannot be (`trials.fingerprint_differences`).
+    """
     target = target_config(cfg)
-    return {"version": RUN_VERSION, "checkpoint_sha256": checkpoint_sha256,
-            "config_sha256": hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest(),
-            "legacy_config_sha256": _legacy_config_sha256(cfg), "config": target}
+    out = {"version": RUN_VERSION, "checkpoint_sha256": checkpoint_sha256,
+           "config_sha256": hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest(),
+           "legacy_config_sha256": _legacy_config_sha256(cfg), "config": target}
+    if data_root is not None:
+        out["data_root"] = str(Path(data_root).resolve())
+    if datasets is not None:
+        out["datasets"] = datasets
+    if seed is not None:
+        out["seed"] = int(seed)
+    return out
 
 
 # --- weights ------------------------------------------------------------------------------------------------

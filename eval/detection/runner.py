@@ -4,13 +4,14 @@ One runner for every benchmark; what differs (configs, dataset layout and regist
 the benchmark's spec (`benchmarks`). Everything that can fail is checked before the first iteration: detectron2
 importable, the config valid, the dataset files complete, the GPUs present, the converted backbone loading into
 every pretrained tensor of the built model (no silent partial load), the output folder's earlier trials
-compatible, and, on GPUs, the memory: probe iterations at the largest input (`probe`, decided by `memory`). Each
-trial runs in `trial_<k>/` with seed base+k, through detectron2's `launch` (one process per GPU, or in this
-process on the CPU), one after another or, with --parallel-trials, several at once as subprocesses on their own
-GPU groups (`schedule`). A finished trial (metrics.json present) is skipped; an interrupted one resumes from its
-last checkpoint. SIGTERM or SIGUSR1 stops the run: running trials save a detectron2 checkpoint (a signal that
-reaches only this process is passed on to them), no further trial starts, and the command exits 75
-(RunStopped); the same command then resumes.
+compatible (same checkpoint, training target, data and base seed), and, on GPUs, the memory: probe iterations
+at the largest input (`probe`, decided by `memory`). Without --output the folder names the checkpoint's hash
+(`default_output`). Each trial runs in `trial_<k>/` with seed base+k, through detectron2's `launch` (one process
+per GPU, or in this process on the CPU), one after another or, with --parallel-trials, several at once as
+subprocesses on their own GPU groups (`schedule`). A finished trial (metrics.json present) is skipped; an
+interrupted one resumes from its last checkpoint. SIGTERM or SIGUSR1 stops the run: running trials save a
+detectron2 checkpoint (a signal that reaches only this process is passed on to them), no further trial starts,
+and the command exits 75 (RunStopped); the same command then resumes.
 
 The package: `benchmarks` (the specs), `layouts` (dataset layouts and registration), `prepare` (config,
 fingerprint, weights), `trials` (run.json, trial states, metrics, summaries), `train` (the trial process),
@@ -20,8 +21,10 @@ fingerprint, weights), `trials` (run.json, trial states, metrics, summaries), `t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +39,10 @@ from moco_transfer.checkpoint import CheckpointError
 from moco_transfer.fileio import sha256_file, write_json_atomic
 from moco_transfer.signals import StoppedBySignal, StopRequest
 
-from .benchmarks import VOC, Benchmark
+from .benchmarks import VOC, Benchmark, Layout
 from .errors import REPORTED_ERRORS, SETUP_ERRORS, DoesNotFit, RunStopped, SetupError, TrialFailed
 from .memory import MemoryPlan, TrialShape, plan_memory
-from .prepare import build_config, check_weights, prepare_weights, run_fingerprint
+from .prepare import EXECUTION_KEYS, build_config, check_weights, prepare_weights, run_fingerprint
 from .schedule import (
     DIST_URL_ENV,
     PoolJob,
@@ -65,6 +68,7 @@ from .trials import (
     clear_trial_records,
     inspect_run,
     mismatch_message,
+    read_json_record,
     read_metrics,
     read_oom,
     read_progress,
@@ -81,10 +85,8 @@ def stopped_error(options: DetectionOptions, stopped: Sequence[int], stop: StopR
     parts = []
     for k in stopped:
         folder = trial_dir(options.output, k)
-        try:
-            rec = json.loads((folder / STOPPED_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            rec = {}
+        rec = read_json_record(folder / STOPPED_FILE)
+        rec = rec if isinstance(rec, dict) else {}
         why = rec.get("signal") or stop.signal_name or "a signal"
         where = (f"after iteration {rec['iteration']} of {rec['max_iter']} (checkpoint {folder / rec['checkpoint']})"
                  if "checkpoint" in rec else f"(resumes from {folder}'s last checkpoint, if any)")
@@ -98,7 +100,7 @@ def stopped_error(options: DetectionOptions, stopped: Sequence[int], stop: StopR
 class DetectionOptions:
     checkpoint: Path
     data_root: Path  # --voc-root, --coco-root
-    output: Path
+    output: Path | None = None  # None: `default_output`, chosen by the pre-flight once the checkpoint is hashed
     benchmark: Benchmark = VOC
     trials: int | None = None  # None: the benchmark's default (VOC 5, COCO 1)
     gpus: int | None = None  # None: every visible CUDA device, else CPU (0)
@@ -149,7 +151,7 @@ def _trial_shape(cfg: Any, options: DetectionOptions, visible: int) -> TrialShap
                       options.parallel_trials, visible, reference_timings=options.benchmark is VOC)
 
 
-def _check_datasets(cfg: Any, options: DetectionOptions, echo: Callable[[str], None]) -> None:
+def _check_datasets(cfg: Any, options: DetectionOptions, echo: Callable[[str], None]) -> Layout:
     """Every file of the config's datasets at the root (the benchmark's check), and a classifier that fits them."""
     bm = options.benchmark
     layout = bm.check_layout(options.data_root, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
@@ -161,6 +163,71 @@ def _check_datasets(cfg: Any, options: DetectionOptions, echo: Callable[[str], N
         raise SetupError(f"{bm.root_option} {options.data_root}: the annotation files have {layout.classes} "
                          f"categories but the config's MODEL.ROI_HEADS.NUM_CLASSES is {classes} (set it with "
                          f"--opts MODEL.ROI_HEADS.NUM_CLASSES {layout.classes})")
+    return layout
+
+
+# --- the output folder --------------------------------------------------------------------------------------
+
+
+def _name_part(text: str) -> str:
+    """`text` as part of a folder name: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+
+
+def legacy_default_output(benchmark: Benchmark, checkpoint: Path) -> Path:
+    """The default folder before it named the checkpoint's content: runs/<benchmark>/<checkpoint file stem>."""
+    return Path("runs") / benchmark.name / checkpoint.name.split(".")[0]
+
+
+def default_output(benchmark: Benchmark, checkpoint: Path, checkpoint_sha256: str, config: str | None = None,
+                   opts: Sequence[str] = (), seed: int = 0) -> Path:
+    """runs/<benchmark>/<checkpoint stem>-<sha256[:8]>[-<config>][-opts<hash>][-seed<N>]: one folder per run that
+    differs in what its trials are.
+
+    Every 200-epoch pretraining run ends in checkpoint_0199.pth.tar, so the stem alone sent every run's trials to
+    one folder, where the re-run check refused the second and --fresh moved the first's results out of the
+    report's way. The content hash tells the checkpoints apart; a config other than the benchmark's default (its
+    --config choice, else the YAML file's stem), --opts that change the training target (a hash of them; not
+    execution settings such as DATALOADER.NUM_WORKERS) and a base seed other than 0 are named too, so that such a
+    run gets a folder of its own instead of a refusal. GPUs, --amp, --parallel-trials and --scale-to-gpus are not
+    in the name: a re-run with other hardware finds (and resumes, or is told why it cannot) the same folder.
+    """
+    parts = [_name_part(checkpoint.name.split(".")[0]), checkpoint_sha256[:8]]
+    config = config or benchmark.default_config
+    shipped = benchmark.config_file(config)
+    if shipped != benchmark.config_file(benchmark.default_config):
+        choice = next((name for name, file in benchmark.configs.items() if file in (shipped, Path(shipped).name)),
+                      None)
+        parts.append(_name_part(choice or Path(config).name.split(".")[0]))
+    pairs = list(zip(opts[::2], opts[1::2], strict=False))
+    target = [[str(k), str(v)] for k, v in pairs if k not in EXECUTION_KEYS]
+    if target:
+        parts.append("opts" + hashlib.sha256(json.dumps(target).encode()).hexdigest()[:6])
+    if seed:
+        parts.append(f"seed{seed}")
+    return Path("runs") / benchmark.name / "-".join(parts)
+
+
+def choose_output(options: DetectionOptions, checkpoint_sha256: str, fingerprint: dict[str, Any],
+                  echo: Callable[[str], None]) -> Path:
+    """The output folder: --output, else `default_output`; but a run whose trials are in the old default folder
+    (`legacy_default_output`, same fingerprint, some progress) continues there rather than starting over."""
+    if options.output is not None:
+        return options.output
+    new = default_output(options.benchmark, options.checkpoint, checkpoint_sha256, options.config, options.opts,
+                         options.seed)
+    legacy = legacy_default_output(options.benchmark, options.checkpoint)
+    if not new.exists() and (legacy / RUN_FILE).is_file():
+        try:
+            check = inspect_run(legacy, fingerprint, options.benchmark)
+        except RunMismatch:
+            check = None
+        if check is not None and check.has_progress and not check.differences:
+            echo(f"output: {legacy}, whose trials ran with this checkpoint and these settings (the default folder "
+                 f"before it was named {new.name}); pass --output to choose another")
+            return legacy
+    echo(f"output: {new}")
+    return new
 
 
 def preflight(options: DetectionOptions, echo: Callable[[str], None] = print) -> Prepared:
@@ -185,14 +252,18 @@ def preflight(options: DetectionOptions, echo: Callable[[str], None] = print) ->
     if cfg.SOLVER.IMS_PER_BATCH % devices:
         raise SetupError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {devices} GPUs "
                          "per trial")
-    _check_datasets(cfg, options, echo)
+    layout = _check_datasets(cfg, options, echo)
     if not options.checkpoint.is_file():
         raise SetupError(f"checkpoint {options.checkpoint}: file not found")
+    sha = sha256_file(options.checkpoint)
+    fingerprint = run_fingerprint(cfg, sha, options.data_root, options.seed, layout.datasets())
+    options.output = choose_output(options, sha, fingerprint, echo)
     options.output.mkdir(parents=True, exist_ok=True)
-    fingerprint = run_fingerprint(cfg, sha256_file(options.checkpoint))
     check = inspect_run(options.output, fingerprint, options.benchmark)
     if check.differences and check.has_progress and not options.fresh:
         raise RunMismatch(mismatch_message(options.output, check))
+    if check.moved and not options.fresh:
+        echo(f"{options.output}: {check.moved}; its trials continue")
     try:
         weights_path, weights = prepare_weights(options.checkpoint, options.output,
                                                 reuse=check.recorded and check.same_checkpoint, echo=echo)

@@ -7,7 +7,9 @@ as a subprocess: every trial on GPUs, and every trial under `--parallel-trials`)
 Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that runs out of GPU
 memory writes oom_rank<r>.json, from which the parent builds its message. SIGTERM or SIGUSR1 ends training after
 the iteration in progress (every rank at the same one) with a detectron2 checkpoint that `last_checkpoint`
-names, so running the trial again resumes from the next iteration; exit code 75.
+names, so running the trial again resumes from the next iteration; exit code 75. The loader workers drop a stop
+signal that their parent did not send (a cluster signals every process of the job), so the trial saves instead of
+failing on a dead worker, and they end with the trial.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from moco_transfer.detectron2_ext import register
 from moco_transfer.fileio import write_json_atomic
-from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest
+from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
 
 from .benchmarks import VOC, Benchmark, get_benchmark
 from .memory import allocation_failure, apply_memory_fraction, is_out_of_memory
@@ -112,6 +114,48 @@ def start_memory_stats() -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
+def torch_loader(loader: Any, depth: int = 4) -> torch.utils.data.DataLoader | None:
+    """The torch DataLoader inside what detectron2's loader builders return: the loader itself, or under its
+    aspect-ratio grouping (`.dataset`) and collation (`._dataset`) wrappers."""
+    node = loader
+    for _ in range(depth):
+        if isinstance(node, torch.utils.data.DataLoader):
+            return node
+        inner = getattr(node, "dataset", None)
+        node = inner if inner is not None else getattr(node, "_dataset", None)
+        if node is None:
+            return None
+    return None
+
+
+def shield_loader_workers(loader: Any) -> Any:
+    """`loader` with its workers made to outlive the job's stop signal (`signals.loader_worker_init`), chained
+    before the worker_init_fn detectron2 gave them (`worker_init_reset_seed`, which reseeds each worker).
+
+    Slurm, torchrun's agent and GNU timeout signal every process of the job. detectron2's builders take no
+    worker_init_fn (they pass their own), so it is set on the built DataLoader before its first iteration.
+    """
+    inner = torch_loader(loader)
+    if inner is None:
+        logging.getLogger("detectron2").warning(f"no torch DataLoader found in {type(loader).__name__}: its workers "
+                                                "would die on a signal sent to the whole job")
+    elif inner.num_workers > 0:
+        inner.worker_init_fn = loader_worker_init(then=inner.worker_init_fn)
+    return loader
+
+
+def end_train_loader(trainer: Any) -> None:
+    """Stop the training loader's workers with the trial (a stopped trial's would otherwise live on until the
+    process exits): detectron2 iterates it through a generator (aspect-ratio grouping) or a DataLoader iterator."""
+    batches = getattr(getattr(trainer, "_trainer", trainer), "_data_loader_iter_obj", None)
+    if batches is None:
+        return
+    close = getattr(batches, "close", None)
+    if close is not None:  # a generator: closing it drops the DataLoader iterator it holds, whose workers end
+        close()
+    shut_down_workers(batches)
+
+
 def trainer_class(stop: StopRequest | None = None, benchmark: Benchmark = VOC) -> type:
     """The detectron2 trainer of a trial (built lazily: detectron2 is optional); `stop` adds the StopHook; the
     benchmark gives the evaluator."""
@@ -182,6 +226,14 @@ def trainer_class(stop: StopRequest | None = None, benchmark: Benchmark = VOC) -
     class TrialTrainer(DefaultTrainer):
 
         @classmethod
+        def build_train_loader(cls, cfg: Any) -> Any:
+            return shield_loader_workers(super().build_train_loader(cfg))
+
+        @classmethod
+        def build_test_loader(cls, cfg: Any, dataset_name: str) -> Any:
+            return shield_loader_workers(super().build_test_loader(cfg, dataset_name))
+
+        @classmethod
         def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
             return benchmark.evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
@@ -231,8 +283,8 @@ def _update_segments(folder: Path, start_iter: int, cfg: Any, world: int) -> lis
     segments: list[dict[str, Any]] = []
     if start_iter > 0:
         try:
-            segments = [s for s in json.loads(path.read_text()) if s.get("start_iter", 0) < start_iter]
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError, TypeError):
+            segments = [s for s in json.loads(path.read_bytes()) if s.get("start_iter", 0) < start_iter]
+        except (FileNotFoundError, ValueError, AttributeError, TypeError):  # ValueError: not JSON or not UTF-8
             segments = []
     segments.append({"start_iter": start_iter, "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": world,
                      "ims_per_gpu": ims_per_gpu(cfg, world)})
@@ -320,6 +372,8 @@ def run_trial(cfg_file: str, data_root: str, seed: int, benchmark: str = "voc") 
                               segments=segments)
             comm.synchronize()
     finally:
+        if trainer is not None:
+            end_train_loader(trainer)
         stack.close()
         if handler is not None:
             logger.removeHandler(handler)

@@ -2,8 +2,9 @@
 
 Layout of an output folder:
   run.json              what the trials were run with (checkpoint and training-target fingerprints, the target
-                        config itself), checked on re-runs; also the memory pre-flight, the projected time, the
-                        line of every finished trial and one history entry per invocation
+                        config itself, the data root and its datasets' identity, the base seed), checked on
+                        re-runs; also the memory pre-flight, the projected time, the line of every finished trial
+                        and one history entry per invocation
   trial_<k>/            detectron2's OUTPUT_DIR of trial k (seed = base seed + k); `last_checkpoint` while running
   trial_<k>/progress.json  iteration, timed s/iter and peak memory, rewritten by the trial while it trains
   trial_<k>/oom_rank<r>.json  written by rank r when it ran out of GPU memory
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from moco_transfer.fileio import atomic_open, write_json_atomic
 
@@ -97,13 +100,19 @@ def write_metrics(folder: str | os.PathLike, metrics: dict[str, Any], seed: int,
     return record
 
 
+def read_json_record(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is absent or damaged: torn (a crash mid-write on a filesystem without
+    atomic rename), not JSON, or not even UTF-8 (a disk or copy error). Damage is never fatal to a reader that
+    can redo or skip what the file records (ValueError covers json's and UTF-8's decode errors)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
 def read_metrics(folder: str | os.PathLike, benchmark: Benchmark = VOC) -> dict[str, Any] | None:
     """The metrics of a finished trial, or None (absent, or unreadable: then the trial is redone)."""
-    path = Path(folder) / METRICS_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    record = read_json_record(Path(folder) / METRICS_FILE)
     if not isinstance(record, dict) or benchmark.values(record) is None:
         return None
     return record
@@ -190,10 +199,10 @@ def format_trial_line(k: int, trials: int, m: dict[str, Any], benchmark: Benchma
 def read_run(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(out_dir) / RUN_FILE
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise RunMismatch(f"{path} is not valid JSON ({exc}); move it away to start this folder afresh") from None
     return record if isinstance(record, dict) else {}
 
@@ -223,16 +232,57 @@ def folder_states(out_dir: str | os.PathLike, benchmark: Benchmark = VOC) -> dic
     return dict(sorted(states.items()))
 
 
+def _describe_dataset(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return "(absent)"
+    return f"{entry.get('images', '?')} images (sha256 {str(entry.get('sha256'))[:12]})"
+
+
+def data_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """How the recorded data differs from this run's, as a phrase; None when it is the same or not recorded.
+
+    The data is identified by content (`datasets`: images and the sha256 of each dataset's split or annotation
+    file), so a copy of the same files at another root (a job's scratch disk) is the same data. Only where the
+    content is not recorded on both sides (a config whose datasets are not under the root) do the roots decide.
+    """
+    a, b = old.get("datasets"), new.get("datasets")
+    ra, rb = old.get("data_root"), new.get("data_root")
+    where = f" (root {ra} -> {rb})" if ra and rb and ra != rb else ""
+    if a and b:
+        if a == b:
+            return None
+        changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+        return ("dataset files" + where + ": "
+                + ", ".join(f"{n} {_describe_dataset(a.get(n))} -> {_describe_dataset(b.get(n))}" for n in changed))
+    if ra and rb and ra != rb:
+        return f"dataset root {ra} -> {rb}"
+    return None
+
+
+def data_root_moved(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """A note when the root differs but the recorded datasets are the same files (not a difference)."""
+    ra, rb = old.get("data_root"), new.get("data_root")
+    if ra and rb and ra != rb and data_difference(old, new) is None:
+        return f"dataset root {ra} -> {rb}, the same dataset files (split/annotation sha256)"
+    return None
+
+
 def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
     """What differs between the recorded fingerprint and this run's, as phrases for a message (empty: same).
 
     Records of version 2 hold the training-target config itself, so the differing keys are named. An older
-    record (no version) hashed the whole config; it is compared against `legacy_config_sha256`.
+    record (no version) hashed the whole config; it is compared against `legacy_config_sha256`. The data and the
+    base seed are compared where both sides hold them (a record from before they were pinned holds neither; see
+    `inspect_run` for the seed).
     """
     out = []
     if old.get("checkpoint_sha256") != new.get("checkpoint_sha256"):
         out.append(f"checkpoint (sha256 {str(old.get('checkpoint_sha256'))[:12]} -> "
                    f"{str(new.get('checkpoint_sha256'))[:12]})")
+    if old.get("seed") is not None and new.get("seed") is not None and old["seed"] != new["seed"]:
+        out.append(f"base seed ({old['seed']} -> {new['seed']}; trial k trains with base seed + k)")
+    if (data := data_difference(old, new)) is not None:
+        out.append(data)
     if old.get("version") is None:
         if old.get("config_sha256") != new.get("legacy_config_sha256"):
             out.append("config (recorded by an earlier version as config_sha256 "
@@ -258,6 +308,7 @@ class RunCheck:
     states: dict[int, TrialState] = field(default_factory=dict)  # every trial folder's, read once per run
     same_checkpoint: bool = False
     record: dict[str, Any] = field(default_factory=dict)  # run.json as read (empty when absent)
+    moved: str | None = None  # the data root changed, the dataset files did not: a note, not a difference
 
     def state(self, k: int) -> TrialState:
         return self.states.get(k, TrialState.NEW)
@@ -275,15 +326,42 @@ class RunCheck:
         return bool(self.finished or self.interrupted)
 
 
+def trials_base_seed(out_dir: str | os.PathLike, states: dict[int, TrialState], benchmark: Benchmark = VOC
+                     ) -> int | None:
+    """The base seed the folder's trials ran with, from what they recorded: a finished trial's metrics.json seed,
+    an interrupted one's config.yaml SEED (trial k ran with base + k). None when no trial with progress says."""
+    for k, state in states.items():
+        seed = None
+        if state is TrialState.FINISHED:
+            seed = (read_metrics(trial_dir(out_dir, k), benchmark) or {}).get("seed")
+        elif state is TrialState.INTERRUPTED:
+            try:
+                seed = (yaml.safe_load((trial_dir(out_dir, k) / "config.yaml").read_bytes()) or {}).get("SEED")
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                seed = None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed - k
+    return None
+
+
 def inspect_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any], benchmark: Benchmark = VOC) -> RunCheck:
     """Compare `fingerprint` with the folder's run.json and take the state of its trials: the run's one reading of
-    both (the runner keeps the record and the states from here)."""
+    both (the runner keeps the record and the states from here).
+
+    A record written before the base seed was pinned gets it from the trials themselves, so `--seed 10` on a
+    folder whose trials ran with seed 0 is refused there too, not skipped trial by trial.
+    """
     old = read_run(out_dir)
     states = folder_states(out_dir, benchmark)
     if old is None:
         return RunCheck(False, [], states, False, {})
-    return RunCheck(True, fingerprint_differences(old, fingerprint), states,
-                    old.get("checkpoint_sha256") == fingerprint.get("checkpoint_sha256"), old)
+    compared = old
+    if old.get("seed") is None and fingerprint.get("seed") is not None:
+        base = trials_base_seed(out_dir, states, benchmark)
+        compared = old if base is None else {**old, "seed": base}
+    return RunCheck(True, fingerprint_differences(compared, fingerprint), states,
+                    old.get("checkpoint_sha256") == fingerprint.get("checkpoint_sha256"), old,
+                    data_root_moved(old, fingerprint))
 
 
 def mismatch_message(out_dir: str | os.PathLike, check: RunCheck) -> str:
@@ -295,9 +373,11 @@ def mismatch_message(out_dir: str | os.PathLike, check: RunCheck) -> str:
                      f"({', '.join(map(str, check.interrupted))})")
     return (f"output folder {out_dir} holds {' and '.join(parts)} run with a different "
             + "; ".join(check.differences)
-            + ". They cannot be resumed or averaged with this run's: choose another --output, or add --fresh to move "
-              f"them to {Path(out_dir) / SUPERSEDED}/<time>/ and start over here. (Precision, GPU count, "
-              "--parallel-trials, data-loader workers and checkpoint period may change between runs.)")
+            + ". They cannot be resumed or averaged with this run's: choose another --output (the default one "
+              "names the checkpoint's hash, a non-default config or --opts, and the seed), or add --fresh to move "
+              f"them to {Path(out_dir) / SUPERSEDED}/<time>/ and start over here (`moco report` leaves superseded "
+              "trials out unless that folder is named). (Precision, GPU count, --parallel-trials, data-loader "
+              "workers, checkpoint period and a copy of the same dataset files elsewhere may change between runs.)")
 
 
 def supersede(out_dir: str | os.PathLike, keep: Sequence[str] = ()) -> Path | None:
@@ -319,22 +399,13 @@ def supersede(out_dir: str | os.PathLike, keep: Sequence[str] = ()) -> Path | No
 
 
 def read_progress(folder: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        d = json.loads((Path(folder) / PROGRESS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    d = read_json_record(Path(folder) / PROGRESS_FILE)
     return d if isinstance(d, dict) else None
 
 
 def read_oom(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The out-of-memory record of a trial's rank that failed first (lowest iteration), if any."""
-    records = []
-    for path in sorted(Path(folder).glob(OOM_GLOB)):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    records = [r for r in records if isinstance(r, dict)]
+    records = [r for path in sorted(Path(folder).glob(OOM_GLOB)) if isinstance(r := read_json_record(path), dict)]
     return min(records, key=lambda r: (r.get("iteration") or 0, r.get("rank") or 0)) if records else None
 
 
