@@ -10,7 +10,8 @@ SIGTERM or SIGUSR1 during SGD training stops it after the step in progress: the 
 and where the epoch stood) goes to linear_checkpoint.pth.tar and the run exits with EXIT_STOPPED (75);
 `--resume` then runs the rest of that epoch. Each epoch's order is seeded by (seed, epoch) and each training
 image's crop and flip by (seed, epoch, index), so a resumed run sees the batches and views the straight run
-would have seen, whichever worker loads them.
+would have seen, whichever worker loads them. The loader workers outlive a signal sent to the whole process
+group (Slurm, torchrun's agent, `timeout`), so that the main process can save, and end when training does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
 from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
-from moco_transfer.signals import StoppedBySignal, StopRequest
+from moco_transfer.signals import StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
 
 from .common import backbone_features
 from .plots import save_curve
@@ -170,6 +171,9 @@ class FeatureSource:
     def val_batches(self) -> Batches:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop whatever loads the batches (loader workers); the next epoch would start it again."""
+
 
 class EpochOrder(torch.utils.data.Sampler):
     """This rank's share of a permutation seeded by (seed, epoch), as `(epoch seed, index)` keys for SeededViews.
@@ -224,21 +228,27 @@ class BackboneSource(FeatureSource):
         pin = device.type == "cuda"
         self.train_loader = torch.utils.data.DataLoader(
             SeededViews(train_set), batch_size=per_rank, sampler=self.sampler, num_workers=workers,
-            pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0)
+            pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0,
+            worker_init_fn=loader_worker_init())
         shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world))) if world > 1 else val_set
         self.val_loader = torch.utils.data.DataLoader(
             shard, batch_size=per_rank, shuffle=False, num_workers=workers, pin_memory=pin,
-            collate_fn=collate_with_skips)
+            collate_fn=collate_with_skips, worker_init_fn=loader_worker_init())
         self.num_train = len(train_set)
         self.bad_paths: list[str] = []
 
     def _features(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.backbone.eval()
-        for images, labels, bad in loader:
-            self.bad_paths.extend(bad)
-            with torch.no_grad():
-                feats = self.backbone(images.to(self.device, non_blocking=True))
-            yield feats, labels
+        batches = iter(loader)
+        try:
+            for images, labels, bad in batches:
+                self.bad_paths.extend(bad)
+                with torch.no_grad():
+                    feats = self.backbone(images.to(self.device, non_blocking=True))
+                yield feats, labels
+        finally:  # an epoch's workers end with it (left early too); persistent ones wait for close()
+            if not loader.persistent_workers:
+                shut_down_workers(batches)
 
     def train_batches(self, epoch: int) -> Batches:
         self.sampler.epoch, self.sampler.start = epoch, self._take_start()
@@ -250,25 +260,39 @@ class BackboneSource(FeatureSource):
     def __len__(self) -> int:  # batches in a whole epoch, whatever start_at says
         return math.ceil(math.ceil(self.sampler.size / self.sampler.world) / self.sampler.per_rank)
 
+    def close(self) -> None:
+        """Stop the persistent training workers now, not at interpreter exit (where PyTorch's shutdown is a no-op)."""
+        shut_down_workers(self.train_loader)
+
 
 class TensorSource(FeatureSource):
-    """Cached features, reshuffled each epoch into mini-batches (batch_size <= 0: one full batch)."""
+    """Cached features, reshuffled each epoch into mini-batches (batch_size <= 0: one full batch).
+
+    Each rank takes its share of the (seed, epoch) permutation padded as EpochOrder pads it, so every rank runs
+    exactly `len(self)` steps: a rank with one batch fewer would leave the others waiting in DDP's all-reduce.
+    `world`/`rank` default to the process group's.
+    """
 
     def __init__(self, train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
-                 batch_size: int, seed: int) -> None:
-        world, rank = du.world_size(), du.rank()
+                 batch_size: int, seed: int, world: int | None = None, rank: int | None = None) -> None:
+        self.world = du.world_size() if world is None else world
+        self.rank = du.rank() if rank is None else rank
         self.train_f, self.train_l = train_f, train_l
-        self.val_f, self.val_l = val_f[rank::world], val_l[rank::world]
+        self.val_f, self.val_l = val_f[self.rank::self.world], val_l[self.rank::self.world]
         self.batch = batch_size if batch_size > 0 else len(train_f)
-        self.per_rank = max(1, self.batch // world)
+        self.per_rank = max(1, self.batch // self.world)
         self.seed, self.num_train = seed, len(train_f)
 
     def train_batches(self, epoch: int) -> Batches:
         return self._batches(epoch, self._take_start())
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for `epoch`, from (seed, epoch) alone: the same in a resumed run."""
+        return torch.tensor(rank_share(self.num_train, epoch_seed(self.seed, epoch), self.world, self.rank, pad=True),
+                            dtype=torch.long)
+
     def _batches(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(self.seed + epoch))
-        order = order[du.rank()::du.world_size()]
+        order = self.order(epoch)
         for start in range(first * self.per_rank, len(order), self.per_rank):
             idx = order[start:start + self.per_rank]
             yield self.train_f[idx], self.train_l[idx]
@@ -278,7 +302,7 @@ class TensorSource(FeatureSource):
             yield self.val_f[start:start + 4096], self.val_l[start:start + 4096]
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.num_train / du.world_size()) / self.per_rank)
+        return math.ceil(math.ceil(self.num_train / self.world) / self.per_rank)
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -466,8 +490,11 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         source = BackboneSource(pb.model, pair.train, pair.val, cfg.batch_size, cfg.workers, dev, cfg.seed)
         reference = snapshot(pb.model)
         with StopRequest() as stop:
-            result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
-                               after_first_epoch=lambda: assert_unchanged(pb.model, reference), stop=stop)
+            try:
+                result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
+                                   after_first_epoch=lambda: assert_unchanged(pb.model, reference), stop=stop)
+            finally:  # stopped, failed or done: the workers end here, with the signals still only flagged
+                source.close()
         assert_unchanged(pb.model, reference)
         extra["backbone_unchanged"] = True
         extra["skipped_files"] = len(source.bad_paths)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -120,9 +124,48 @@ def test_missing_split_class_mismatch_and_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no val/ folder"):
         make_datasets(only_train, None, None, 16)
     mismatch = make_image_folder(tmp_path / "b", {"train": ["a", "b"], "val": ["a", "c"]}, per_class=1)
-    with pytest.raises(DataError, match=r"same class folders.*only in train: \['b'\], only in val: \['c'\]"):
+    with pytest.raises(DataError, match=r"same class(?:es| folders).*only in train: \['b'\], only in val: \['c'\]"):
         make_datasets(mismatch, None, None, 16)
     empty = make_image_folder(tmp_path / "c", {"train": ["a"]}, per_class=1)
     (empty / "val" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match=r"val: no images"):
         make_datasets(empty, None, None, 16)
+
+
+def _sigterm_from_elsewhere(pid: int) -> None:
+    """SIGTERM sent by another process than the worker's parent, as Slurm, torchrun's agent or timeout send it."""
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({pid}, signal.SIGTERM)"], check=True)
+
+
+def test_feature_loader_workers_outlive_a_stop_signal_to_the_job(folder: Path) -> None:
+    """The kNN monitor extracts features inside pretraining, which saves and exits 75 on the job's SIGTERM; a
+    worker dying of that signal would make the extraction raise before the save."""
+    dataset = make_datasets(folder, eval_transform(16), eval_transform(16), 16).train
+    loader = feature_loader(dataset, batch_size=2, workers=2)
+    batches = iter(loader)
+    labels = [next(batches)[1], next(batches)[1]]  # one batch from each worker: both are past their init
+    for worker in batches._workers:
+        _sigterm_from_elsewhere(worker.pid)
+    time.sleep(0.3)
+    labels += [batch[1] for batch in batches]  # PyTorch's own handler would have ended them: "killed by signal"
+    assert torch.cat(labels).tolist() == dataset.targets
+
+
+class FailsOnSecondBatch(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.calls = backbone, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("out of memory")
+        return self.backbone(images)
+
+
+def test_extract_features_stops_its_workers_when_the_backbone_raises(ckpt: Path, folder: Path) -> None:
+    dataset = make_datasets(folder, eval_transform(16), eval_transform(16), 16).train
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
+        extract_features(FailsOnSecondBatch(load_pretrained_backbone(ckpt).model),
+                         feature_loader(dataset, batch_size=2, workers=2), torch.device("cpu"))
+    assert raised.value is not None and multiprocessing.active_children() == []  # the traceback is still held
