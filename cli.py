@@ -36,6 +36,36 @@ def _log_every_option(expose_value: bool = False):  # noqa: ANN202 - a click dec
                                              "not a terminal (default 30; 0: none).")
 
 
+def _download_option():  # noqa: ANN202 - a click decorator
+    """--download: fetch a missing named set with torchvision's downloader (a process-wide switch, so that a
+    resumed run need not repeat it and the evaluators' signatures need not carry it)."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            from moco_transfer.named_sets import set_data_defaults
+
+            set_data_defaults(download=True)
+        return value
+
+    return click.option("--download", is_flag=True, expose_value=False, callback=apply,
+                        help="Download a missing named set (cifar10, ...) into --data-root with torchvision.")
+
+
+def _eval_data_root_option():  # noqa: ANN202 - a click decorator
+    """--data-root of the evaluators: where named sets' files are (docs/datasets.md)."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            from moco_transfer.named_sets import set_data_defaults
+
+            set_data_defaults(root=value)
+        return value
+
+    return click.option("--data-root", type=click.Path(file_okay=False), expose_value=False, callback=apply,
+                        help="Folder of the named sets' files (default $MOCO_DATA_ROOT, else "
+                             "~/.cache/moco_transfer/datasets).")
+
+
 # --- pretrain -------------------------------------------------------------------------------------------
 
 
@@ -46,9 +76,14 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
                      help="Recipe; default: scattered-digits without a --data folder, mocov2 with one."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file of options (names as below, dashes or underscores)."),
-        click.option("--data", type=click.Path(file_okay=False),
-                     help="Class-folder root (train/ used when present), or embedded:scattered-digits "
-                          "(the default) or embedded:digits."),
+        click.option("--data", type=click.Path(),
+                     help="Class-folder root (train/ used when present), a folder of images, a `path [label]` .txt "
+                          "list, a named set (cifar10, cifar100, stl10, fashion-mnist, mnist, svhn), or "
+                          "embedded:scattered-digits (the default) or embedded:digits (docs/datasets.md)."),
+        click.option("--data-root", type=click.Path(file_okay=False),
+                     help="Folder of the named sets' files (default $MOCO_DATA_ROOT, else "
+                          "~/.cache/moco_transfer/datasets)."),
+        _download_option(),
         click.option("--output", "-o", type=click.Path(file_okay=False), help="Checkpoint and log folder."),
         click.option("--resume", help="Checkpoint to continue from, or 'auto' for the newest in --output."),
         click.option("--arch", help="torchvision ResNet (resnet18 ... resnet152, resnext, wide_resnet)."),
@@ -158,8 +193,11 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
 @eval_group.command("linear")
 @_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="Folder with train/ and val/ class folders, or embedded:NAME; default: the checkpoint's set.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Folder with train/ and val/ class folders, train.txt beside val.txt, a named set (cifar10, ...: "
+                   "train and test), or embedded:NAME; default: the checkpoint's set.")
+@_eval_data_root_option()
+@_download_option()
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="linear_eval", show_default=True,
               help="Where linear.json, linear_curve.png and the per-epoch state go.")
 @click.option("--cached", is_flag=True, help="Fast path: train the fc on cached center-crop features.")
@@ -224,8 +262,11 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
 @eval_group.command("knn")
 @_log_every_option()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", type=click.Path(file_okay=False), default=None,
-              help="Folder with train/ (gallery) and val/ (queries), or embedded:NAME; default: the checkpoint's set.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Folder with train/ (gallery) and val/ (queries), train.txt beside val.txt, a named set (cifar10, "
+                   "...: train and test), or embedded:NAME; default: the checkpoint's set.")
+@_eval_data_root_option()
+@_download_option()
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="knn_eval", show_default=True,
               help="Where knn.json and knn_gallery.png go.")
 @click.option("--k", "ks", type=str, default="10,20,100,200", show_default=True,

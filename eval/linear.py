@@ -480,7 +480,8 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
     cfg, settings = resolve_settings(cfg, pb.preset_linear)
     faithful = cfg.mode == "faithful"
     train_tf = linear_train_transform(pb.image_size) if faithful else eval_transform(pb.image_size)
-    pair = make_datasets(data or pb.embedded_data, train_tf, eval_transform(pb.image_size), pb.image_size)
+    pair = make_datasets(data or pb.embedded_data, train_tf, eval_transform(pb.image_size), pb.image_size,
+                         all_ranks=True)  # every rank calls this: rank 0 alone scans a folder or list
     num_classes = len(pair.classes)
     meta = {"checkpoint": pb.fingerprint, "data": pair.root, "mode": cfg.mode, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": base_lr(cfg.batch_size, cfg.lr), "seed": cfg.seed}

@@ -1,4 +1,7 @@
-"""Datasets: ImageNet-style class folders that survive corrupt files, and the embedded sets (no download)."""
+"""Datasets: ImageNet-style class folders that survive corrupt files, and the embedded sets (no download).
+
+Named sets (cifar10, ...) are in named_sets.py, file lists and flat folders in file_lists.py.
+"""
 
 from __future__ import annotations
 
@@ -57,9 +60,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     queue arithmetic of MoCo needs; `bad_paths` lets the main process count and report what was skipped.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classes: list[str] | None = None,
+                 samples: list[tuple[str, int]] | None = None) -> None:
+        """`classes` and `samples` given: a list scanned elsewhere (a file list, a flat folder, rank 0's scan)."""
         self.root = Path(root)
-        self.classes, self.samples = scan_class_folders(self.root)
+        if samples is None:
+            self.classes, self.samples = scan_class_folders(self.root)
+        else:
+            self.classes, self.samples = list(classes or []), samples
         self.targets = [t for _, t in self.samples]
         self.transform = transform
 
@@ -312,22 +320,35 @@ class SplitPair:
     root: str
 
 
-def make_datasets(data: str | os.PathLike | None, train_transform: Any, val_transform: Any, image_size: int
-                  ) -> SplitPair:
-    """`--data DIR` with train/ and val/ class folders, or an embedded set (`embedded:NAME`; None: the default)."""
+def make_datasets(data: str | os.PathLike | None, train_transform: Any, val_transform: Any, image_size: int,
+                  data_root: str | os.PathLike | None = None, all_ranks: bool = False) -> SplitPair:
+    """The evaluators' labelled train and val sets from any `--data` form (docs/datasets.md).
+
+    `--data DIR` with train/ and val/ class folders, `train.txt` beside `val.txt` (or `test.txt`), a named set
+    (`cifar10`, ...: train and test, read from `data_root`), or an embedded set (`embedded:NAME`; None: the
+    default). `all_ranks`: every rank of the process group makes this call, so rank 0 alone scans the files.
+    """
     name = embedded_name(data)
     if name is not None:
         train = embedded_dataset(name, "train", train_transform, image_size)
         return SplitPair(train, embedded_dataset(name, "val", val_transform, image_size), train.classes,
                          f"<embedded {name} {image_size}px>")
+    from .file_lists import eval_samples, scan_once
+    from .named_sets import named_set, named_split_pair
+
+    named = named_set(data)
+    if named is not None:
+        return named_split_pair(named, train_transform, val_transform, data_root, all_ranks)
     root = Path(data)
-    train = ImageFolderDataset(resolve_split(root, "train", required=True), train_transform)
-    val = ImageFolderDataset(resolve_split(root, "val", required=True), val_transform)
+    train_scan, val_scan = scan_once(lambda: eval_samples(root), all_ranks)
+    train = ImageFolderDataset(train_scan.root, train_transform, train_scan.classes, train_scan.samples)
+    val = ImageFolderDataset(val_scan.root, val_transform, val_scan.classes, val_scan.samples)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(f"--data {root}: train/ and val/ must have the same class folders "
-                        f"(only in train: {only_train[:10]}, only in val: {only_val[:10]})")
+        what = "the train and val lists must have the same labels" if train_scan.root.is_file() else \
+            "train/ and val/ must have the same class folders"
+        raise DataError(f"--data {root}: {what} (only in train: {only_train[:10]}, only in val: {only_val[:10]})")
     return SplitPair(train, val, train.classes, str(root.resolve()))
 
 

@@ -19,6 +19,7 @@ from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
 from .checkpoint import CheckpointError, load_checkpoint, query_encoder_state
 from .data import embedded_name
 from .fileio import describe_key_mismatch, sha256_file
+from .named_sets import named_set
 
 
 @dataclass
@@ -33,7 +34,7 @@ class PretrainedBackbone:
     epoch: int | None
     path: Path
     fingerprint: str
-    embedded_data: str | None = None  # the embedded set it was pretrained on: the evaluators' default --data
+    embedded_data: str | None = None  # the embedded or named set it was pretrained on: the evaluators' default --data
     preset_linear: PresetLinear | None = None  # its preset's linear-probe settings, when measured for it
 
 
@@ -101,11 +102,12 @@ def preset_linear_settings(config: dict[str, Any]) -> PresetLinear | None:
 
 
 def pretrained_on_embedded(config: dict[str, Any]) -> str | None:
-    """`embedded:NAME` when the run trained on an embedded set (checkpoints from before `embedded:` meant digits)."""
+    """`embedded:NAME` or a named set (`cifar10`, ...) when the run trained on one, as the evaluators' default
+    `--data` (checkpoints from before `embedded:` meant digits). Its test split is what the evaluators score."""
     data = config.get("data")
     if data is None:
         return "embedded:digits" if config.get("preset") == "digits" else None
-    return str(data) if embedded_name(data) is not None else None
+    return str(data) if embedded_name(data) is not None or named_set(data) is not None else None
 
 
 def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str = "cpu") -> PretrainedBackbone:

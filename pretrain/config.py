@@ -20,7 +20,8 @@ from moco_transfer.data import embedded_name
 @dataclass
 class PretrainConfig:
     preset: str = "mocov2"
-    data: str | None = None            # class-folder root (train/ used when present), or embedded:NAME
+    data: str | None = None            # class folders (train/ when present), list.txt, named set, embedded:NAME
+    data_root: str | None = None       # named sets' files; None: $MOCO_DATA_ROOT, else ~/.cache/moco_transfer/datasets
     output: str = "runs/pretrain"
     arch: str = "resnet50"
     small_images: bool = False         # 3x3 stride-1 stem without maxpool, for 32-64 px images
@@ -148,9 +149,10 @@ def resolve_config(preset: str | None = None, config_file: str | os.PathLike | N
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(overrides, "options")
     data_given = overrides.get("data") or file_values.get("data")
-    folder_given = data_given and embedded_name(data_given) is None
+    # A folder, a list or a named set (cifar10, ...) is real data: the published recipe, unless a preset is given.
+    real_data = data_given and embedded_name(data_given) is None
     name = (overrides.get("preset") or preset or file_values.get("preset")
-            or ("mocov2" if folder_given else DEFAULT_PRESET))
+            or ("mocov2" if real_data else DEFAULT_PRESET))
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
     values: dict[str, Any] = dict(PRESETS[name])

@@ -21,27 +21,52 @@ from moco_transfer.data import (
     collate_with_skips,
     embedded_dataset,
     embedded_name,
-    resolve_split,
 )
+from moco_transfer.file_lists import pretrain_samples, scan_once
+from moco_transfer.named_sets import ArrayImages, load_named_split, named_set
 from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 from moco_transfer.signals import loader_worker_init
 
 from .config import PretrainConfig
-from .gpu_pipeline import DevicePipeline, ImageBytesDataset, TensorImages, collate_raw, resolve_pipeline, training_dtype
+from .gpu_pipeline import (
+    DeviceArrays,
+    DevicePipeline,
+    ImageBytesDataset,
+    TensorImages,
+    collate_raw,
+    resolve_pipeline,
+    training_dtype,
+)
 
 
 def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = None) -> torch.utils.data.Dataset:
-    """Augmented view pairs (CPU pipeline), or undecoded bytes / uint8 images for the device pipeline."""
+    """Augmented view pairs (CPU pipeline), or undecoded bytes / uint8 images for the device pipeline.
+
+    A named set is one uint8 array: the device pipeline holds it on `device` (DeviceArrays) and draws the views
+    there without loader workers. A folder or list is scanned by rank 0 alone and shared with the other ranks.
+    """
+    device = device or torch.device("cpu")
+    gpu = resolve_pipeline(cfg, device) == "gpu"
+    named = named_set(cfg.data)
+    if named is not None:
+        split = load_named_split(named, "pretrain", cfg.data_root, all_ranks=True)
+        if gpu:
+            return DeviceArrays(split.images, split.targets, device, root=f"<{named}:pretrain {split.folder}>",
+                                classes=split.classes)
     embedded = embedded_name(cfg.data)
-    if resolve_pipeline(cfg, device or torch.device("cpu")) == "gpu":
+    if gpu:
         if embedded is not None:
             return TensorImages(embedded_dataset(embedded, "pretrain", None, cfg.image_size))
-        return ImageBytesDataset(resolve_split(cfg.data, "train"))
+        found = scan_once(lambda: pretrain_samples(cfg.data), all_ranks=True)
+        return ImageBytesDataset(found.root, found.classes, found.samples)
     make_augmentation = moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation
-    augmentation = make_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
+    views = TwoCrops(make_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip))
+    if named is not None:
+        return SeededItems(ArrayImages(split, views))
     if embedded is not None:
-        return SeededItems(embedded_dataset(embedded, "pretrain", TwoCrops(augmentation), cfg.image_size))
-    return SeededItems(ImageFolderDataset(resolve_split(cfg.data, "train"), TwoCrops(augmentation)))
+        return SeededItems(embedded_dataset(embedded, "pretrain", views, cfg.image_size))
+    found = scan_once(lambda: pretrain_samples(cfg.data), all_ranks=True)
+    return SeededItems(ImageFolderDataset(found.root, views, found.classes, found.samples))
 
 
 class SeededItems(torch.utils.data.Dataset):

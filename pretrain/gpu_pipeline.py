@@ -11,6 +11,9 @@ Files the device decoder should not get (PNG and other formats; grayscale, CMYK,
 JPEGs) are decoded in the worker with PIL, as the CPU pipeline does. A JPEG that still fails on the device is
 decoded on the CPU; one that no decoder reads is replaced by the next readable file of the dataset, so batches
 stay full, and its path is reported with the others that the epoch skipped.
+
+A named set (`--data cifar10`, ...) is already a uint8 array: it is put on the device once (`DeviceArrays`) and
+each batch is indexed there in the sampler's order, with no loader worker and nothing to decode.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -38,8 +42,8 @@ _MAX_REPLACEMENTS = 64  # as ImageFolderDataset: that many unreadable files in a
 CPU_DECODE_WARN_FRACTION = 0.01  # more than this share of an epoch decoded by PIL: say so, once
 _EXAMPLES = 20  # paths per kind kept in an epoch's log record
 
-__all__ = ["DevicePipeline", "ImageBytesDataset", "TensorImages", "collate_raw", "decode_on_cpu", "device_decodable",
-           "pipeline_choice", "resolve_pipeline", "training_dtype"]
+__all__ = ["DeviceArrays", "DevicePipeline", "ImageBytesDataset", "TensorImages", "collate_raw", "decode_on_cpu",
+           "device_decodable", "pipeline_choice", "resolve_pipeline", "training_dtype"]
 
 
 class PipelineChoice(NamedTuple):
@@ -97,8 +101,9 @@ class ImageBytesDataset(ImageFolderDataset):
     from there when the device decoder rejects it.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        super().__init__(root, transform=None)
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None,
+                 samples: list[tuple[str, int]] | None = None) -> None:
+        super().__init__(root, None, classes, samples)
 
     def load(self, index: int) -> torch.Tensor:  # type: ignore[override]
         with open(self.samples[index][0], "rb") as f:
@@ -129,6 +134,44 @@ class TensorImages(torch.utils.data.Dataset):
         if not isinstance(image, torch.Tensor):
             image = pil_to_tensor(image.convert("RGB"))
         return image, target, bad, index
+
+
+class DeviceArrays(torch.utils.data.Dataset):
+    """A named set's uint8 images held on the training device, put there once (the device pipeline's array path).
+
+    DevicePipeline indexes `images` itself, batch by batch in the sampler's order, so no loader worker runs and
+    nothing is decoded; grayscale images (C 1) are kept so and served as RGB by expanding the channel per batch.
+    Indexing the dataset (a DataLoader over it) gives the items TensorImages gives, from the same tensor.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, device: torch.device,
+                 root: str = "<arrays>", classes: list[str] | None = None, chunk: int = 1 << 28) -> None:
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype not in (np.uint8, torch.uint8):
+            raise ValueError(f"images: expected uint8 (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        n = len(images)
+        self.images = torch.empty(tuple(images.shape), dtype=torch.uint8, device=device)
+        step = max(1, chunk // max(1, int(np.prod(images.shape[1:]))))
+        for start in range(0, n, step):  # bounded host copies: a memory-mapped or transposed array is read once
+            part = images[start:start + step]
+            part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part, order="C"))
+            self.images[start:start + step].copy_(part)
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+        if len(self.targets) != n:
+            raise ValueError(f"targets: {len(self.targets)} for {n} images")
+        self.root = Path(root)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on the device; `indices` on the device too."""
+        images = self.images.index_select(0, indices)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...], int]:
+        image = self.images[index]
+        return (image.expand(3, -1, -1) if image.shape[0] == 1 else image).cpu(), int(self.targets[index]), (), index
 
 
 def collate_raw(batch: Sequence[tuple[torch.Tensor, int, tuple[str, ...], int]]
@@ -222,6 +265,9 @@ class DevicePipeline:
             # The current device is per host thread and a new one starts on GPU 0: without this, the loader's
             # pin-memory thread (started below) and every allocation would open a context on GPU 0 for each rank.
             torch.cuda.set_device(self.device)
+        if isinstance(self.dataset, DeviceArrays):
+            yield from self._produce_from_arrays()
+            return
         total = len(self.loader)
         for index, (payload, layout, targets, bad) in enumerate(self.loader):
             try:
@@ -239,6 +285,35 @@ class DevicePipeline:
                                          f"{total} on {self.device}") from exc
             self.counts.images += len(targets)
             yield _Batch(views, targets, bad + more_bad, ready, self.generator.get_state())
+
+    def _produce_from_arrays(self) -> Iterator[_Batch]:
+        """The loader's batches without the loader: the sampler's indices, batch_size at a time, the tail dropped
+        (drop_last), read from the arrays on the device. The same order, and the same generator draws, as batches
+        that came through the DataLoader, so seed_epoch and start_epoch_at work unchanged."""
+        dataset: DeviceArrays = self.dataset
+        size = self.loader.batch_size
+        order = list(self.loader.sampler)
+        total = len(order) // size
+        for index in range(total):
+            chosen = order[index * size:(index + 1) * size]
+            try:
+                with torch.no_grad(), self.decoder.on_stream():
+                    rows = torch.tensor(chosen, dtype=torch.long)
+                    if self.device.type == "cuda":
+                        rows = rows.pin_memory()
+                    images = dataset.batch(rows.to(self.device, non_blocking=True))
+                    views = self.augment.views(images, self.generator)
+                    ready = None
+                    if self.decoder.stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self.decoder.stream)
+            except RuntimeError as exc:
+                if not is_device_fault(exc):
+                    raise
+                raise _with_context(exc, f"device data pipeline (--data-pipeline gpu), batch {index + 1} of "
+                                         f"{total} on {self.device}") from exc
+            self.counts.images += len(chosen)
+            yield _Batch(views, dataset.targets[chosen], [], ready, self.generator.get_state())
 
     def _hand_over(self, batch: _Batch) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
         """Order the training stream after the batch's kernels (no host wait) and keep its memory until used.

@@ -19,7 +19,7 @@ class KnnMonitor:
 
     def __init__(self, cfg: PretrainConfig, device: torch.device) -> None:
         transform = eval_transform(cfg.image_size)
-        pair = make_datasets(cfg.knn_data or cfg.data, transform, transform, cfg.image_size)
+        pair = make_datasets(cfg.knn_data or cfg.data, transform, transform, cfg.image_size, data_root=cfg.data_root)
         self.data_name = pair.root
         self.num_classes = len(pair.classes)
         self.k, self.t, self.device = cfg.knn_k, cfg.knn_t, device
