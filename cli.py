@@ -86,6 +86,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         _download_option(),
         click.option("--output", "-o", type=click.Path(file_okay=False), help="Checkpoint and log folder."),
         click.option("--resume", help="Checkpoint to continue from, or 'auto' for the newest in --output."),
+        click.option("--force", is_flag=True, help="Start over in an --output that holds a run (its files move to "
+                     "<output>/replaced-<time>/); without it such a folder is refused."),
         click.option("--arch", help="torchvision ResNet (resnet18 ... resnet152, resnext, wide_resnet)."),
         click.option("--small-images/--imagenet-stem", "small_images", default=None,
                      help="3x3 stride-1 stem without maxpool, for 32-64 px images."),
@@ -140,7 +142,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
 
 @main.command()
 @_pretrain_options
-def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, ...], **options: object) -> None:
+def pretrain(config_file: str | None, resume: str | None, force: bool, schedule: tuple[int, ...],
+             **options: object) -> None:
     """MoCo v2 pretraining (v1 and every ablation row by switches). Runs under torchrun for several processes."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
@@ -154,7 +157,7 @@ def pretrain(config_file: str | None, resume: str | None, schedule: tuple[int, .
     try:
         cfg = resolve_config(options.pop("preset"), config_file, options)
         set_log_every(cfg.log_every)  # the kNN monitor's bars too; --config may set it
-        run_pretraining(cfg, resume=resume)
+        run_pretraining(cfg, resume=resume, force=force)
     except (ConfigError, DataError, CheckpointError) as exc:
         raise click.UsageError(str(exc)) from None
     except TrainingDiverged as exc:
@@ -320,7 +323,8 @@ def _detection_options(root_option: str, root_help: str, default_trials: int, co
         click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str)),
         click.option(root_option, "data_root", required=True, type=click.Path(path_type=str), help=root_help),
         click.option("--output", "output", default=None, type=click.Path(file_okay=False, path_type=str),
-                     help="Run folder (trials, summary); default runs/<benchmark>/<checkpoint name>."),
+                     help="Run folder (trials, summary); default runs/<benchmark>/<checkpoint stem>-<sha256[:8]>"
+                          "[-<config>][-opts<hash>][-seed<N>] (docs/voc.md)."),
         click.option("--trials", default=default_trials, show_default=True, type=int,
                      help="Independent fine-tuning runs (seeds differ)."),
         click.option("--gpus", default=None, type=int,
@@ -371,7 +375,7 @@ def _run_detection(benchmark: str, checkpoint: str, data_root: str, output: str 
     ckpt = Path(checkpoint)
     options = DetectionOptions(
         checkpoint=ckpt, data_root=Path(data_root), benchmark=bm,
-        output=Path(output) if output else Path("runs") / bm.name / ckpt.name.split(".")[0],
+        output=Path(output) if output else None,
         trials=trials, gpus=gpus, config=config,
         opts=[o for o in opts if o != "--opts"], seed=seed, scale_to_gpus=scale_to_gpus,
         max_ims_per_gpu=max_ims_per_gpu, amp=amp, parallel_trials=parallel_trials, fresh=fresh)

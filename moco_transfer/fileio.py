@@ -16,12 +16,14 @@ from typing import IO, Any
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """A temporary file beside `path`, fsynced and renamed over it on success, removed on any failure.
 
-    A run killed while writing leaves the previous `path` intact.
+    A run killed while writing leaves the previous `path` intact. The file gets the mode a plain `open` would
+    give it under the user's umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; teammates read results as with a plain open
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -31,6 +33,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere only by setting it (set and restored at once, which
+    another thread creating a file in between would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from moco_transfer.data import embedded_name
+from moco_transfer.fileio import atomic_open
 
 
 @dataclass
@@ -198,6 +199,6 @@ def validate(cfg: PretrainConfig) -> None:
 def save_resolved(cfg: PretrainConfig, folder: str | os.PathLike) -> Path:
     """The config actually used, as YAML beside the checkpoints (loadable again with --config)."""
     path = Path(folder) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with atomic_open(path, "w") as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

@@ -15,13 +15,14 @@ stream sees finished pixels. The wait runs in the pipeline's producer thread, ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 # Sequential Huffman frames, which nvjpeg batch-decodes (in hardware on A100/H100). Progressive ones it decodes
@@ -84,6 +85,29 @@ def short_error(exc: BaseException) -> str:
     return _SOURCE_LOCATION.sub("", str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
 
 
+def jpeg_decoder() -> Callable[..., Any] | None:
+    """torchvision's batched `decode_jpeg`, or None where this torchvision has none.
+
+    Looked up when first needed, not at import: torchvision 0.29 deprecates its image codecs in favour of
+    TorchCodec, and an import-time name would take every `moco pretrain` down with it, the CPU pipeline too.
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
+def missing_decoder() -> str | None:
+    """Why the device pipeline cannot decode files here, or None."""
+    if jpeg_decoder() is not None:
+        return None
+    import torchvision
+
+    return (f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg: the device pipeline cannot "
+            "decode JPEG files (use --data-pipeline cpu)")
+
+
 class DeviceDecoder:
     """Batched `decode_jpeg` on `device`, on a stream of its own, safe from the allocation race (module doc).
 
@@ -96,6 +120,7 @@ class DeviceDecoder:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.calls = 0  # decode_jpeg calls made, failed ones included
+        self._decode_jpeg: Callable[..., Any] | None = None
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -130,10 +155,14 @@ class DeviceDecoder:
                       errors: dict[int, str]) -> None:
         if lo >= hi:
             return
+        if self._decode_jpeg is None:
+            self._decode_jpeg = jpeg_decoder()
+            if self._decode_jpeg is None:
+                raise RuntimeError(missing_decoder())
         self.fence()
         self.calls += 1
         try:
-            images[lo:hi] = decode_jpeg(encoded[lo:hi], mode=ImageReadMode.RGB, device=self.device)
+            images[lo:hi] = self._decode_jpeg(encoded[lo:hi], device=self.device)
             return
         except (RuntimeError, ValueError) as exc:
             if is_device_fault(exc):

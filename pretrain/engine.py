@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,15 @@ from .schedule import lr_at_epoch
 CURVES_NAME = "curves.png"
 SUMMARY_NAME = "pretrain.json"
 
-# Fields that must agree between a checkpoint and the run resuming it.
-RESUME_KEYS = ("arch", "small_images", "moco_dim", "moco_k", "mlp", "head_bn", "batch_size", "symmetric")
+# Settings a resumed run may change: where and how fast it runs, what it logs and monitors, and how long it
+# trains (a longer --epochs, as the official scripts allow). Every other field is the recipe, which must stay
+# as the checkpoint was made, or the run's record (config.yaml, log.jsonl) would describe only its second part.
+RESUMABLE_CHANGES = frozenset({
+    "preset", "output", "data_root", "epochs", "workers", "device", "data_pipeline", "amp", "channels_last", "compile",
+    "knn_every", "knn_data", "knn_k", "knn_t", "keep_every", "checkpoint_every_min", "print_baseline", "log_every",
+})
+# The files a run writes into its output folder; a fresh run refuses a folder that holds any of them.
+RUN_FILE_PATTERNS = ("checkpoint_*.pth.tar", "log.jsonl", "pretrain.json", "config.yaml", "curves.png")
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,11 +273,51 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     )
 
 
-def _check_resumable(cfg: PretrainConfig, saved: dict[str, Any], path: Path) -> None:
-    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
-             if k in saved and saved[k] != getattr(cfg, k)]
-    if diffs:
-        raise ConfigError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diffs)})")
+def _same_setting(name: str, saved: Any, now: Any) -> bool:
+    if name in ("data", "knn_data") and isinstance(saved, str) and isinstance(now, str):
+        return os.path.realpath(saved) == os.path.realpath(now)  # ./data and /home/me/data are one folder
+    return saved == now
+
+
+def _check_resumable(cfg: PretrainConfig, saved: dict[str, Any], path: Path, completed: int) -> list[str]:
+    """Refuse a resume that would change the recipe (naming each setting); return the allowed changes made."""
+    now = cfg.to_dict()
+    changed = [k for k in now if k in saved and not _same_setting(k, saved[k], now[k])]
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if refused:
+        listed = "; ".join(f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in refused)
+        raise ConfigError(f"--resume {path}: the run was made with other settings ({listed}). Resume with the "
+                          "run's own settings (its config.yaml, via --config), or start a new run in another --output")
+    if cfg.epochs < completed:
+        raise ConfigError(f"--epochs {cfg.epochs}: {path} has already trained {completed} epochs")
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed if k not in ("preset", "output")]
+
+
+def _existing_run_files(out: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern) if p.is_file()})
+
+
+def claim_output(out: Path, resume: str | None, force: bool) -> None:
+    """A fresh run never writes over another run: a folder holding one is refused, or set aside with `force`.
+
+    Without this, start-up rewrote config.yaml and log.jsonl and the first epoch deleted the old run's newest
+    checkpoint. With `force` the old run's files move to `<output>/replaced-<UTC time>/`, kept whole. Every rank
+    checks before rank 0 moves anything (collective: all ranks call it).
+    """
+    found = _existing_run_files(out) if resume is None else []
+    if found and not force:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(f"--output {out}: holds a run ({names}). Continue it with --resume auto, write the new "
+                          f"run to another folder with --output DIR, or start over with --force (the old run's "
+                          f"files then move to {out}/replaced-<time>/)")
+    du.barrier()
+    if found and du.is_main_process():
+        aside = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in found:
+            path.rename(aside / path.name)
+        log(f"--force: moved the run that was in {out} ({len(found)} files) to {aside}")
+    du.barrier()
 
 
 def resolve_resume(resume: str | None, output: str) -> Path | None:
@@ -283,15 +331,17 @@ def resolve_resume(resume: str | None, output: str) -> Path | None:
     return Path(resume)
 
 
-def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
+def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train MoCo as configured; returns a summary (last epoch's figures, kNN accuracies, checkpoint path).
 
     SIGTERM or SIGUSR1 stops the run after the step in progress (StoppedBySignal, after the mid-epoch
     checkpoint is written); `resume="auto"` continues from the newest checkpoint, mid-epoch ones included.
+    Without `resume`, an output folder that holds a run is refused unless `force` (see claim_output).
     """
     device = select_device(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
+    claim_output(out, resume, force)
     dataset = build_pretrain_dataset(cfg, device)
     loader = build_pretrain_loader(cfg, dataset, device)
     model = build_model(cfg).to(device)
@@ -306,7 +356,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None) -> dict[str,
     resume_path = resolve_resume(resume, cfg.output)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        _check_resumable(cfg, ckpt.get("config", {}), resume_path)
+        changes = _check_resumable(cfg, ckpt.get("config", {}), resume_path, int(ckpt.get("epoch", 0)))
+        if changes:
+            log(f"resuming {resume_path} with changed settings: {', '.join(changes)}")
         for note in load_model_state(model, ckpt["state_dict"], str(resume_path)):
             log(f"{resume_path}: {note}")
         if "optimizer" in ckpt:
@@ -432,13 +484,19 @@ def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | 
         return None, None
     states = mid["rng"]
     epoch, step = int(mid["epoch"]), int(mid["step"])
-    if len(states) != du.world_size():
-        log(f"{path}: written by {len(states)} process(es), this run has {du.world_size()}: epoch {epoch + 1} "
-            "starts again from its first batch")
-        return None, None
     log(f"resumed from {path} in epoch {epoch + 1}, after its batch {step}")
-    mine = states[du.rank()]
-    return EpochPosition(epoch, step, float(mine["loss_sum"]), float(mine["acc_sum"])), mine
+    if len(states) == du.world_size():
+        mine = states[du.rank()]
+        return EpochPosition(epoch, step, float(mine["loss_sum"]), float(mine["acc_sum"])), mine
+    # Another world size. The seeded order makes the first `step` global batches the same images at any world
+    # size (EpochSampler: rank r takes every world-th index of one permutation), so the place is kept: the
+    # weights have seen those batches. Each rank's running sums become the old ranks' mean (the epoch's
+    # figures are means over ranks); the random states are the epoch's seeded ones, since the old ranks' do
+    # not map onto the new ones: the key shuffle of the remaining batches differs from an unstopped run.
+    log(f"{path}: written by {len(states)} process(es), this run has {du.world_size()}: the epoch continues "
+        f"after batch {step} with freshly seeded key shuffles")
+    mean = {k: sum(float(s[k]) for s in states) / len(states) for k in ("loss_sum", "acc_sum")}
+    return EpochPosition(epoch, step, mean["loss_sum"], mean["acc_sum"]), {"pipeline": None}
 
 
 def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device,

@@ -32,7 +32,7 @@ from moco_transfer import distributed as du
 from moco_transfer.data import DataError, ImageFolderDataset
 
 from .config import ConfigError, PretrainConfig
-from .device_decode import DeviceDecoder, decode_on_cpu, device_decodable, is_device_fault
+from .device_decode import DeviceDecoder, decode_on_cpu, device_decodable, is_device_fault, missing_decoder
 from .prefetch import Prefetcher
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ def device_problem(device: torch.device) -> str | None:
     if torch.version.hip is not None:
         return (f"{device} is a ROCm device (HIP {torch.version.hip}): this pipeline is built and checked for "
                 "NVIDIA's nvJPEG only")
+    missing = missing_decoder()
+    if missing is not None:
+        return missing
     key = str(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
     if key not in _DEVICE_PROBLEMS:
         from .device_check import self_check

@@ -61,7 +61,9 @@ def rank_states(at: EpochPosition, pipeline_state: torch.Tensor | None, device: 
 
 
 def restore_random_states(states: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(states["cpu"])
+    """Set this rank's saved generators; missing entries (a resume at another world size) are left seeded."""
+    if states.get("cpu") is not None:
+        torch.set_rng_state(states["cpu"])
     if states.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
 

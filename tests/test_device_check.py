@@ -12,7 +12,7 @@ from moco_transfer.pretrain.device_decode import decode_on_cpu, device_decodable
 from moco_transfer.pretrain.gpu_augment import BatchedMocoAugment
 
 CPU = torch.device("cpu")
-_REAL_DECODE = device_decode.decode_jpeg
+_REAL_DECODE = device_decode.jpeg_decoder()
 
 
 def test_the_check_images_are_mixed_sizes_with_one_grayscale():
@@ -31,10 +31,10 @@ def test_a_sound_device_passes_with_its_figures():
 
 
 def test_a_decoder_that_is_off_by_a_few_levels_is_named(monkeypatch):
-    def brighter(data, mode, device):  # noqa: ANN001, ANN202
-        return [im.clamp(max=250) + 5 for im in _REAL_DECODE(data, mode=mode, device=device)]
+    def brighter(data, mode=None, device=None):  # noqa: ANN001, ANN202
+        return [im.clamp(max=250) + 5 for im in _REAL_DECODE(data, device=device)]
 
-    monkeypatch.setattr(device_decode, "decode_jpeg", brighter)
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: brighter)
     result = self_check(CPU)
     assert result.problem.startswith("decode_jpeg on cpu differs from PIL by ")
     assert result.decode_mad > 2.0
@@ -56,10 +56,10 @@ def test_an_augmentation_that_differs_from_the_cpu_is_named(monkeypatch):
 
 
 def test_a_device_error_during_the_check_is_a_problem_not_a_crash(monkeypatch):
-    def oom(data, mode, device):  # noqa: ANN001, ANN202
+    def oom(data, mode=None, device=None):  # noqa: ANN001, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(device_decode, "decode_jpeg", oom)
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: oom)
     result = self_check(CPU)
     assert result.problem == ("the self-check failed on cpu: OutOfMemoryError: CUDA out of memory. Tried to allocate "
                               "20.00 MiB")

@@ -30,7 +30,7 @@ from moco_transfer.pretrain.gpu_pipeline import (
 )
 
 CPU = torch.device("cpu")
-_REAL_DECODE = device_decode.decode_jpeg
+_REAL_DECODE = device_decode.jpeg_decoder()
 TINY = dict(arch="resnet18", small_images=True, image_size=16, batch_size=8, moco_k=32, bn_splits=2,
             workers=0, epochs=2, moco_m=0.99, data_pipeline="gpu")
 
@@ -206,12 +206,12 @@ class _RecordingDecode:
     def __init__(self, log: list, refuse: bytes = b"REFUSE-ME") -> None:
         self.log, self.refuse = log, refuse
 
-    def __call__(self, data, mode, device):  # noqa: ANN001, ANN204 - decode_jpeg's signature
+    def __call__(self, data, mode=None, device=None):  # noqa: ANN001, ANN204 - decode_jpeg's signature
         ok = not any(self.refuse in bytes(d.numpy()) for d in data)
         self.log.append(("decode", len(data), ok))
         if not ok:
             raise RuntimeError("Error while decoding JPEG images: Failed to get image info: 3")
-        return _REAL_DECODE(data, mode=mode, device=device)
+        return _REAL_DECODE(data, device=device)
 
 
 def _with_comment(jpeg: bytes, text: bytes) -> bytes:
@@ -229,7 +229,7 @@ def test_decoder_waits_for_its_stream_before_every_decode_call(monkeypatch):
     decoder = DeviceDecoder(CPU)
     decoder.stream = Stream()
     monkeypatch.setattr(decoder, "on_stream", contextlib.nullcontext)
-    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode(log))
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: _RecordingDecode(log))
     files = [_jpeg(_array(20, 24, i)) for i in range(8)]
     files[5] = _with_comment(files[5], b"REFUSE-ME")
     decoder.decode([torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files])
@@ -239,7 +239,7 @@ def test_decoder_waits_for_its_stream_before_every_decode_call(monkeypatch):
 
 def test_one_bad_file_costs_a_few_batched_calls_and_each_good_file_is_decoded_once(monkeypatch):
     log: list = []
-    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode(log))
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: _RecordingDecode(log))
     files = [_jpeg(_array(20 + i, 24, i)) for i in range(16)]
     files[11] = _with_comment(files[11], b"REFUSE-ME")
     images, refused = DeviceDecoder(CPU).decode([torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files])
@@ -259,10 +259,10 @@ def test_one_bad_file_costs_a_few_batched_calls_and_each_good_file_is_decoded_on
 def test_device_faults_propagate_naming_the_batch_and_the_pipeline(tmp_path, monkeypatch, fault):
     root = write_jpeg_folders(tmp_path, classes=1, per_class=8)
 
-    def decode(data, mode, device):  # noqa: ANN001, ANN202
+    def decode(data, mode=None, device=None):  # noqa: ANN001, ANN202
         raise fault
 
-    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: decode)
     pipeline = _pipeline(root, prefetch=2)
     with pytest.raises(type(fault)) as caught:
         next(iter(pipeline))
@@ -287,7 +287,7 @@ def test_files_decoded_on_the_cpu_are_counted_per_epoch_and_warned_about_once(tm
     root = write_jpeg_folders(tmp_path, classes=1, per_class=10)  # + extra.png and gray.jpg: decoded in workers
     refused = root / "class_0" / "img_004.jpg"
     refused.write_bytes(_with_comment(refused.read_bytes(), b"REFUSE-ME"))  # the device refuses, PIL reads it
-    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode([]))
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: _RecordingDecode([]))
     pipeline = _pipeline(root, batch_size=12)
     batches = list(pipeline)
     assert len(batches) == 1 and batches[0][2] == []
@@ -307,7 +307,7 @@ def test_the_device_refusing_most_fallbacks_names_the_decoder(tmp_path, monkeypa
     root.mkdir(parents=True)
     for i in range(8):
         (root / f"img_{i}.jpg").write_bytes(_with_comment(_jpeg(_array(20, 20, i)), b"REFUSE-ME" if i < 2 else b"ok"))
-    monkeypatch.setattr(device_decode, "decode_jpeg", _RecordingDecode([]))
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: _RecordingDecode([]))
     pipeline = _pipeline(root.parent, batch_size=8)
     list(pipeline)
     assert pipeline.epoch_record()["device_refused"] == 2

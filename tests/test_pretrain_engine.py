@@ -175,9 +175,9 @@ def test_checkpoint_that_does_not_fit_is_an_error(tiny_folder, tmp_path):
 
 def test_resume_with_other_settings_is_refused(tiny_folder, tmp_path):
     run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match="moco_k: checkpoint 32, now 64"):
+    with pytest.raises(ConfigError, match="--moco-k: checkpoint 32, now 64"):
         run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=2, moco_k=64), resume="auto")
-    with pytest.raises(ConfigError, match="head_bn: checkpoint False, now True"):
+    with pytest.raises(ConfigError, match="--head-bn: checkpoint False, now True"):
         run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=2, head_bn=True), resume="auto")
 
 
