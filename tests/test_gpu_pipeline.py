@@ -17,7 +17,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from moco_transfer.pretrain import device_decode, gpu_pipeline
 from moco_transfer.pretrain.config import ConfigError, resolve_config
-from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
+from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch, start_epoch_at
 from moco_transfer.pretrain.device_decode import DeviceDecoder
 from moco_transfer.pretrain.gpu_pipeline import (
     DevicePipeline,
@@ -401,3 +401,19 @@ def test_a_run_stopped_in_epoch_3_resumes_to_the_losses_and_weights_of_a_straigh
     err = capsys.readouterr().err
     assert "\r" not in err and "epoch 1/4: " in err  # not a terminal: plain progress lines
     assert not _producer_threads()
+
+
+def test_a_generator_state_of_the_other_device_type_keeps_the_place_and_says_so(tmp_path):
+    """A mid-epoch checkpoint of `--data-pipeline gpu` written on a GPU (a 16-byte Philox state) resumed on the
+    CPU (a 5,056-byte Mersenne state), or the reverse, must resume at its batch, not crash in set_state."""
+    cfg = resolve_config("digits", overrides={"data_pipeline": "gpu", "workers": 0, "output": str(tmp_path)})
+    pipeline = build_pretrain_loader(cfg, build_pretrain_dataset(cfg, CPU), CPU)
+    seed_epoch(pipeline, cfg.seed, 0)
+    seeded = pipeline.generator.get_state()
+    cuda_like = torch.zeros(16, dtype=torch.uint8)
+    note = start_epoch_at(pipeline, 3, cuda_like)
+    assert note is not None and "another device type" in note and "batches and their order are the same" in note
+    assert torch.equal(pipeline.generator.get_state(), seeded) and pipeline.sampler.start == 3
+    other = torch.Generator().manual_seed(99).get_state()
+    assert start_epoch_at(pipeline, 2, other) is None
+    assert torch.equal(pipeline.generator.get_state(), other) and pipeline.sampler.start == 2

@@ -114,6 +114,37 @@ def test_sigterm_mid_epoch_then_resume_gives_the_straight_runs_losses(tmp_path, 
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_resumes(tmp_path, straight_cpu):
+    """As GNU timeout, scancel and torchrun's agent do: the signal reaches every process of the job, the two
+    loader workers included. They must keep serving the parent, which saves, exits 75 at once, and leaves no
+    process behind; the resumed run (other worker count: views are per image) equals the uninterrupted one."""
+    data, straight = straight_cpu
+    group: list[int] = []
+
+    def send(proc: subprocess.Popen) -> None:
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers  # the loader's processes are alive when the signal comes
+        group.append(proc.pid)  # the leader of its own session: its pid is the group's id
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    began = time.time()
+    stopped = signal_when(_cli(*_args(data, tmp_path / "run", "-j", "2")), ENV,
+                          lambda line: line.startswith("epoch 2/4: ") and not line.startswith("epoch 2/4: 0/"),
+                          send, timeout=60, preexec_fn=os.setsid)
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert "DataLoader worker" not in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    step = _stopped_mid_epoch_2(tmp_path / "run", 12)
+    assert f"stopped by SIGTERM in epoch 2 after batch {step} of 12" in stopped.stderr
+    assert time.time() - began < 60
+    left = subprocess.run(["pgrep", "-g", str(group[0])], capture_output=True, text=True)
+    assert left.returncode == 1, left.stdout  # nothing of the job's process group is left running
+    resumed = subprocess.run(_cli(*_args(data, tmp_path / "run", "-j", "1", "--resume", "auto")), env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same_run(straight, tmp_path / "run")
+
+
+@pytest.mark.slow
 def test_sigusr1_to_two_gloo_workers_stops_both_at_one_step_and_resumes(tmp_path):
     """As Slurm's --signal does: every worker gets SIGUSR1 (the launcher here is told to ignore it)."""
     data = write_class_folders(tmp_path / "data", classes=2, per_class=96)  # 192 images: 24 steps of 4 per rank

@@ -3,8 +3,9 @@
 The stubs do what Slurm would for this script: `scontrol show hostnames` names the head node, `srun` starts
 its command once per node (SLURM_NODEID 0, 1) and exits with the highest status, `scontrol requeue` is only
 recorded. The torchrun line runs as written: c10d rendezvous on the head node, gloo, `--resume auto`.
-SIGUSR1 goes to every process of the step, as Slurm's `--signal=USR1@180` does: torchrun's agents must
-survive it, the workers must stop at one step, save and exit 75, and the script must requeue the job.
+SIGUSR1 goes to every process of the step, as Slurm's `--signal=USR1@180` does, and so does SIGTERM, as at the
+time limit: torchrun's agents must survive it, the loader workers must keep serving, the workers must stop at one
+step, save and exit 75, and the script must requeue the job.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def _job_env(tmp_path: Path, data: Path, out: Path, restart_count: int) -> dict[
             # what Slurm sets for a two-node job
             "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[001-002]", "SLURM_NNODES": "2",
             "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": str(restart_count),
-            # the script's settings: one CPU worker per node, a tiny model on a tiny folder
+            # the script's settings: one CPU worker per node with one loader worker (Slurm signals it too), a tiny
+            # model on a tiny folder
             "GPUS_PER_NODE": "1", "DATA": str(data), "OUTPUT": str(out), "EPOCHS": "2", "GLOBAL_BATCH": "8",
-            "BASE_LR": "0.06", "WORKERS": "0", "RDZV_PORT": str(_free_port()),
+            "BASE_LR": "0.06", "WORKERS": "1", "RDZV_PORT": str(_free_port()),
             "MOCO": f"{sys.executable} -m moco_transfer.cli", "MOCO_ARGS": tiny,
             "TORCHRUN_ARGS": "--local-addr 127.0.0.1"}
 
@@ -116,7 +118,9 @@ def test_script_settings() -> None:
 
 
 @pytest.mark.slow
-def test_sigusr1_stops_both_nodes_requeues_and_the_requeued_job_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1 ahead of the limit", "TERM at the limit"])
+def test_a_signal_to_the_step_stops_both_nodes_requeues_and_the_requeued_job_finishes(tmp_path: Path,
+                                                                                       sig: signal.Signals) -> None:
     data = write_class_folders(tmp_path / "data", classes=2, per_class=80)  # 20 steps of 4 images per worker
     out = tmp_path / "run"
     env = _job_env(tmp_path, data, out, restart_count=0)
@@ -129,8 +133,8 @@ def test_sigusr1_stops_both_nodes_requeues_and_the_requeued_job_finishes(tmp_pat
             if line.startswith("epoch 1/2: ") and not line.startswith("epoch 1/2: 0/"):
                 srun = next(p for p in _descendants(job.pid) if Path(f"/proc/{p}/cmdline").read_bytes()
                             .split(b"\0")[1:2] == [str(tmp_path / "bin" / "srun").encode()])
-                for pid in _descendants(srun):  # the step's processes: agents, shells, workers
-                    os.kill(pid, signal.SIGUSR1)
+                for pid in _descendants(srun):  # the step's processes: agents, shells, workers, loader workers
+                    os.kill(pid, sig)
                 break
         rest = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
         rest.start()
@@ -141,7 +145,8 @@ def test_sigusr1_stops_both_nodes_requeues_and_the_requeued_job_finishes(tmp_pat
             os.killpg(job.pid, signal.SIGKILL)
     output = "".join(lines)
     assert job.returncode == 75, output[-4000:]
-    assert "stopped by SIGUSR1" in output and "requeueing job 4242" in output, output[-4000:]
+    assert f"stopped by {sig.name}" in output and "requeueing job 4242" in output, output[-4000:]
+    assert "DataLoader worker" not in output, output[-4000:]
     assert _requeues(tmp_path) == ["requeue 4242"]
     assert (out / MID_EPOCH_NAME).exists() or (out / "checkpoint_0000.pth.tar").exists()
     assert "show hostnames node[001-002]" in (tmp_path / "scontrol.log").read_text()
