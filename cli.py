@@ -72,7 +72,8 @@ def _eval_data_root_option():  # noqa: ANN202 - a click decorator
 def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
     """Every option defaults to None so only what the user typed overrides the preset and --config."""
     opts = [
-        click.option("--preset", type=click.Choice(["mocov1", "mocov2", "mocov2-800ep", "scattered-digits", "digits"]),
+        click.option("--preset", type=click.Choice(["mocov1", "mocov2", "mocov2-800ep", "scattered-digits", "digits",
+                                                     "cifar10-demo", "fashion-mnist"]),
                      help="Recipe; default: scattered-digits without a --data folder, mocov2 with one."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file of options (names as below, dashes or underscores)."),
@@ -108,6 +109,8 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--moco-t", type=float, help="Softmax temperature (v1 0.07, v2 0.2)."),
         click.option("--mlp/--no-mlp", default=None, help="2-layer MLP projection head (v2) or fc (v1)."),
         click.option("--aug-plus/--no-aug-plus", default=None, help="v2 augmentation with blur, or v1's."),
+        click.option("--blur/--no-blur", default=None,
+                     help="aug+'s Gaussian blur (p 0.5); --no-blur: aug+ without it, as the MoCo CIFAR-10 demo."),
         click.option("--head-bn/--no-head-bn", default=None,
                      help="BN without affine at the projection head's output (as MoCo v3's projector)."),
         click.option("--symmetric/--no-symmetric", default=None,

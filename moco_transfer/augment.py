@@ -32,19 +32,26 @@ def _flip(flip: bool) -> list:
     return [T.RandomHorizontalFlip()] if flip else []
 
 
-def moco_v2_augmentation(image_size: int = 224, crop_min: float = 0.2, flip: bool = True) -> T.Compose:
+def _blur(blur: bool, image_size: int) -> list:
+    """aug+'s blur (p 0.5), its sigma scaled from 224 px crops; none when switched off (`--no-blur`)."""
+    sigma_scale = image_size / 224
+    return [T.RandomApply([GaussianBlur((0.1 * sigma_scale, 2.0 * sigma_scale))], p=0.5)] if blur else []
+
+
+def moco_v2_augmentation(image_size: int = 224, crop_min: float = 0.2, flip: bool = True,
+                         blur: bool = True) -> T.Compose:
     """aug+: v1's crop/grayscale/flip plus weaker-hue jitter at p=0.8 and Gaussian blur sigma in [0.1, 2].
 
     The blur's sigma is given for 224 px crops and scales with `image_size`, so small images are blurred by
     the same fraction of their width rather than wiped out (sigma 2 px is 12% of a 16 px digit).
     `flip=False` drops the mirror, for images whose mirror image means something else (digits, text).
+    `blur=False` drops the blur, as the MoCo authors' CIFAR-10 demo does (aug+ without blur).
     """
-    sigma_scale = image_size / 224
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1 * sigma_scale, 2.0 * sigma_scale))], p=0.5),
+        *_blur(blur, image_size),
         *_flip(flip),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -59,8 +59,11 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
             return TensorImages(embedded_dataset(embedded, "pretrain", None, cfg.image_size))
         found = scan_once(lambda: pretrain_samples(cfg.data), all_ranks=True)
         return ImageBytesDataset(found.root, found.classes, found.samples)
-    make_augmentation = moco_v2_augmentation if cfg.aug_plus else moco_v1_augmentation
-    views = TwoCrops(make_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip))
+    if cfg.aug_plus:
+        augmentation = moco_v2_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip, blur=cfg.blur)
+    else:  # v1 has no blur to switch off
+        augmentation = moco_v1_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
+    views = TwoCrops(augmentation)
     if named is not None:
         return SeededItems(ArrayImages(split, views))
     if embedded is not None:
@@ -150,7 +153,7 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     augment = BatchedMocoAugment(cfg.image_size, crop_min=cfg.crop_min, aug_plus=cfg.aug_plus, flip=cfg.flip,
-                                 out_dtype=training_dtype(cfg), memory_format=memory_format)
+                                 blur=cfg.blur, out_dtype=training_dtype(cfg), memory_format=memory_format)
     return DevicePipeline(loader, augment, device)
 
 

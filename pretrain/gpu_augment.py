@@ -103,6 +103,8 @@ class BatchedMocoAugment:
 
     Same op order and parameter distributions as moco_transfer.augment: v2 = crop, jitter (p 0.8),
     grayscale (p 0.2), blur (p 0.5), flip, normalise; v1 = crop, grayscale (p 0.2), jitter, flip, normalise.
+    `blur=False` drops v2's blur (the MoCo CIFAR-10 demo's views); the blur's random draws are still made, so
+    the other parameters a seeded generator gives do not move with the switch.
     """
 
     #: float32 bytes of padded input that one resize chunk may hold; a list with a few huge images is then
@@ -113,7 +115,7 @@ class BatchedMocoAugment:
     resize_dtype: torch.dtype | None = None
 
     def __init__(self, image_size: int, crop_min: float = 0.2, aug_plus: bool = True, flip: bool = True,
-                 out_dtype: torch.dtype = torch.float32,
+                 blur: bool = True, out_dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size: expected a positive int, got {image_size!r}")
@@ -136,7 +138,7 @@ class BatchedMocoAugment:
         self.jitter_p = 0.8 if aug_plus else 1.0
         self.gray_p = 0.2
         self.flip_p = 0.5 if flip else 0.0
-        self.blur_p = 0.5 if aug_plus else 0.0
+        self.blur_p = 0.5 if aug_plus and blur else 0.0
         sigma_scale = image_size / 224
         self.blur_sigma = (BLUR_SIGMA[0] * sigma_scale, BLUR_SIGMA[1] * sigma_scale)
         self.blur_radius = max(1, math.ceil(BLUR_TRUNCATE * self.blur_sigma[1]))
@@ -144,8 +146,8 @@ class BatchedMocoAugment:
 
     def __repr__(self) -> str:
         return (f"BatchedMocoAugment(image_size={self.image_size}, crop_min={self.crop_min}, "
-                f"aug_plus={self.aug_plus}, flip={self.flip_p > 0}, out_dtype={self.out_dtype}, "
-                f"memory_format={self.memory_format})")
+                f"aug_plus={self.aug_plus}, flip={self.flip_p > 0}, blur={self.blur_p > 0}, "
+                f"out_dtype={self.out_dtype}, memory_format={self.memory_format})")
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """One augmented view per image: (B,3,S,S) normalised, in out_dtype and memory_format, same device."""
@@ -255,7 +257,8 @@ class BatchedMocoAugment:
         if self.aug_plus:
             x = self._jitter(x, params)
             x = self._grayscale(x, params["gray"])
-            x = self._blur(x, params["blur"], params["sigma"])
+            if self.blur_p > 0:  # blur off: no convolution to throw away
+                x = self._blur(x, params["blur"], params["sigma"])
         else:
             x = self._grayscale(x, params["gray"])
             x = self._jitter(x, params)
