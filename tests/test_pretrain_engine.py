@@ -137,11 +137,14 @@ def test_atomic_save_leaves_previous_file_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth.tar"]  # no temporary file left behind
 
 
-def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_folder, tmp_path):
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_folder, tmp_path, monkeypatch):
+    from moco_transfer.pretrain import engine
+
     run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=1))
     good = load_checkpoint(tmp_path / "checkpoint_0000.pth.tar")
+    monkeypatch.setattr(engine, "lr_at_epoch", lambda *args: 1e30)  # the recipe is kept; its second epoch diverges
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 2"):
-        run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=2, lr=1e30), resume="auto")
+        run_pretraining(tiny_cfg(tiny_folder, tmp_path, epochs=2), resume="auto")
     after = load_checkpoint(tmp_path / "checkpoint_0000.pth.tar")
     assert not (tmp_path / "checkpoint_0001.pth.tar").exists()
     assert all(torch.equal(good["state_dict"][k], after["state_dict"][k]) for k in good["state_dict"])
