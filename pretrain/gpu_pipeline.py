@@ -18,8 +18,9 @@ each batch is indexed there in the sampler's order, with no loader worker and no
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -268,14 +269,12 @@ class DevicePipeline:
             # The current device is per host thread and a new one starts on GPU 0: without this, the loader's
             # pin-memory thread (started below) and every allocation would open a context on GPU 0 for each rank.
             torch.cuda.set_device(self.device)
-        if isinstance(self.dataset, DeviceArrays):
-            yield from self._produce_from_arrays()
-            return
+        raw = self._array_batches() if isinstance(self.dataset, DeviceArrays) else self._file_batches()
         total = len(self.loader)
-        for index, (payload, layout, targets, bad) in enumerate(self.loader):
+        for index, (read, targets, bad) in enumerate(raw):
             try:
                 with torch.no_grad(), self.decoder.on_stream():
-                    images, more_bad = self.decode(payload, layout)
+                    images, more_bad = read()
                     views = self.augment.views(images, self.generator)
                     ready = None
                     if self.decoder.stream is not None:
@@ -289,34 +288,26 @@ class DevicePipeline:
             self.counts.images += len(targets)
             yield _Batch(views, targets, bad + more_bad, ready, self.generator.get_state())
 
-    def _produce_from_arrays(self) -> Iterator[_Batch]:
+    def _file_batches(self) -> Iterator[tuple[Callable[[], tuple[Any, list[str]]], torch.Tensor, list[str]]]:
+        """The loader's batches of file bytes (or worker-decoded images), each with how to decode it here."""
+        for payload, layout, targets, bad in self.loader:
+            yield functools.partial(self.decode, payload, layout), targets, bad
+
+    def _array_batches(self) -> Iterator[tuple[Callable[[], tuple[Any, list[str]]], torch.Tensor, list[str]]]:
         """The loader's batches without the loader: the sampler's indices, batch_size at a time, the tail dropped
         (drop_last), read from the arrays on the device. The same order, and the same generator draws, as batches
         that came through the DataLoader, so seed_epoch and start_epoch_at work unchanged."""
-        dataset: DeviceArrays = self.dataset
         size = self.loader.batch_size
         order = list(self.loader.sampler)
-        total = len(order) // size
-        for index in range(total):
+        for index in range(len(order) // size):
             chosen = order[index * size:(index + 1) * size]
-            try:
-                with torch.no_grad(), self.decoder.on_stream():
-                    rows = torch.tensor(chosen, dtype=torch.long)
-                    if self.device.type == "cuda":
-                        rows = rows.pin_memory()
-                    images = dataset.batch(rows.to(self.device, non_blocking=True))
-                    views = self.augment.views(images, self.generator)
-                    ready = None
-                    if self.decoder.stream is not None:
-                        ready = torch.cuda.Event()
-                        ready.record(self.decoder.stream)
-            except RuntimeError as exc:
-                if not is_device_fault(exc):
-                    raise
-                raise _with_context(exc, f"device data pipeline (--data-pipeline gpu), batch {index + 1} of "
-                                         f"{total} on {self.device}") from exc
-            self.counts.images += len(chosen)
-            yield _Batch(views, dataset.targets[chosen], [], ready, self.generator.get_state())
+            yield functools.partial(self._read_rows, chosen), self.dataset.targets[chosen], []
+
+    def _read_rows(self, chosen: list[int]) -> tuple[torch.Tensor, list[str]]:
+        rows = torch.tensor(chosen, dtype=torch.long)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return self.dataset.batch(rows.to(self.device, non_blocking=True)), []
 
     def _hand_over(self, batch: _Batch) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
         """Order the training stream after the batch's kernels (no host wait) and keep its memory until used.
