@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -40,3 +42,14 @@ def make_image_folder(root: Path, classes: dict[str, list[str]] | None = None, p
                 pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def same_linear_result(straight: Path, resumed: Path) -> None:
+    """A resumed probe's two epochs and final figures equal the uninterrupted run's."""
+    a = json.loads((straight / "linear.json").read_text())
+    b = json.loads((resumed / "linear.json").read_text())
+    assert [h["epoch"] for h in b["history"]] == [1, 2]
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-6)
+        assert (hb["top1"], hb["top5"]) == (ha["top1"], ha["top5"])
+    assert b["final"] == a["final"] and b["backbone_unchanged"] is True

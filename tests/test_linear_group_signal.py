@@ -7,7 +7,6 @@ finish it as the uninterrupted run does."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -23,7 +22,7 @@ from moco_transfer.eval import linear as linear_eval
 from moco_transfer.eval.linear import STATE_NAME, LinearConfig, run_linear
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal
 
-from .eval_helpers import make_checkpoint, make_image_folder
+from .eval_helpers import make_checkpoint, make_image_folder, same_linear_result
 from .signalled_runs import signal_when
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -100,13 +99,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_resu
     resumed = subprocess.run([*linear(ckpt, data, tmp_path / "run", "-j", "2"), "--resume"], env=ENV,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = json.loads((tmp_path / "straight" / "linear.json").read_text())
-    b = json.loads((tmp_path / "run" / "linear.json").read_text())
-    assert [h["epoch"] for h in b["history"]] == [1, 2]
-    for ha, hb in zip(a["history"], b["history"], strict=True):
-        assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-6)
-        assert (hb["top1"], hb["top5"]) == (ha["top1"], ha["top5"])
-    assert b["final"] == a["final"] and b["backbone_unchanged"] is True
+    same_linear_result(tmp_path / "straight", tmp_path / "run")
 
 
 class SignalAtSecondStep:

@@ -3,7 +3,6 @@ as if it had never stopped (same batches, same crops, same fc)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 from moco_transfer.eval.linear import STATE_NAME, LinearConfig, TensorSource, train_sgd
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal
 
-from .eval_helpers import make_checkpoint, make_image_folder
+from .eval_helpers import make_checkpoint, make_image_folder, same_linear_result
 from .signalled_runs import signal_when
 from .test_linear import separable
 
@@ -147,10 +146,4 @@ def test_moco_eval_linear_sigterm_mid_epoch_exits_75_and_resume_gives_the_straig
     resumed = subprocess.run([*_linear(ckpt, data, tmp_path / "run", "-j", "1"), "--resume"], env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = json.loads((tmp_path / "straight" / "linear.json").read_text())
-    b = json.loads((tmp_path / "run" / "linear.json").read_text())
-    assert [h["epoch"] for h in b["history"]] == [1, 2]
-    for ha, hb in zip(a["history"], b["history"], strict=True):
-        assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-6)
-        assert (hb["top1"], hb["top5"]) == (ha["top1"], ha["top5"])
-    assert b["final"] == a["final"] and b["backbone_unchanged"] is True
+    same_linear_result(tmp_path / "straight", tmp_path / "run")
