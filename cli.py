@@ -118,7 +118,9 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--bn-splits", type=int, help="Single process: BN sub-batches imitating per-GPU BN."),
         click.option("--workers", "-j", type=int, help="Data-loading processes."),
         click.option("--seed", type=int),
-        click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast precision."),
+        click.option("--amp", type=click.Choice(["none", "bf16", "fp16", "auto"]),
+                     help="Autocast precision; auto: bf16 where the device computes it natively (AMX CPUs, "
+                          "Ampere+ GPUs), else fp32."),
         click.option("--channels-last/--no-channels-last", default=None),
         click.option("--compile/--no-compile", "compile", default=None,
                      help="torch.compile both encoders (off by default: see docs/pipeline.md for when it pays)."),

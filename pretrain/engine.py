@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_
 from moco_transfer.progress import progress, write
 from moco_transfer.signals import shut_down_workers
 
-from .config import ConfigError, PretrainConfig, save_resolved
+from .config import ConfigError, PretrainConfig, resolve_amp, save_resolved
 from .curves import save_pretrain_curves
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch, start_epoch_at
 from .gpu_pipeline import DevicePipeline, pipeline_choice
@@ -164,11 +164,12 @@ class EpochControl:
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "none":
+    amp, _ = resolve_amp(cfg.amp, device)
+    if amp == "none":
         return None
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16, auto or none on CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 SYNC_SECONDS = 1.0  # how often train_one_epoch reads the step figures from the device (one sync each time)
@@ -339,6 +340,10 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
     Without `resume`, an output folder that holds a run is refused unless `force` (see claim_output).
     """
     device = select_device(cfg)
+    amp, why = resolve_amp(cfg.amp, device)
+    if amp != cfg.amp:  # the run records what it computes in: config.yaml and the checkpoint say bf16 or none
+        log(f"--amp auto: {amp} ({why})")
+        cfg = replace(cfg, amp=amp)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     claim_output(out, resume, force)

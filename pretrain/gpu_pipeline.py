@@ -97,6 +97,8 @@ def resolve_pipeline(cfg: PretrainConfig, device: torch.device) -> str:
 def training_dtype(cfg: PretrainConfig) -> torch.dtype:
     """The views come out in the autocast dtype, which halves what the first convolution reads."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+
+
 class ImageBytesDataset(ImageFolderDataset):
     """Class-folder images as raw file bytes (1-D uint8) when the device can decode them, else decoded RGB.
 
