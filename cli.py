@@ -178,19 +178,22 @@ def pretrain(config_file: str | None, resume: str | None, force: bool, schedule:
 @main.command("convert")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--to", "target", type=click.Choice(["detectron2", "torchvision"]), default="detectron2",
+@click.option("--to", "target", type=click.Choice(["detectron2", "torchvision", "timm"]), default="detectron2",
               show_default=True, help="detectron2: .pkl of numpy arrays under detectron2 ResNet names; "
-                                      "torchvision: state_dict for torchvision.models.<arch>() (no fc).")
+                                      "torchvision: state_dict for torchvision.models.<arch>() (no fc); "
+                                      "timm: state_dict for timm.create_model(arch, pretrained=False, num_classes=0) "
+                                      "(standard 7x7 stem only). An OUTPUT named *.safetensors is written with "
+                                      "safetensors (torchvision and timm).")
 @click.option("--arch", default=None, help="ResNet name when the checkpoint has no 'arch' entry (else inferred).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, force: bool) -> None:
-    """Convert a MoCo CHECKPOINT's query-encoder backbone to OUTPUT for detectron2 or torchvision."""
+    """Convert a MoCo CHECKPOINT's query-encoder backbone to OUTPUT for detectron2, torchvision or timm."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.convert import convert
 
     try:
         summary = convert(checkpoint, output, target=target, force=force, arch=arch)
-    except (CheckpointError, FileExistsError, IsADirectoryError) as exc:
+    except (CheckpointError, FileExistsError, IsADirectoryError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(summary.format())
 

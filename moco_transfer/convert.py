@@ -1,9 +1,13 @@
 """Turn a MoCo checkpoint's query encoder into weights that detection and classification code loads.
 
 Targets: detectron2 (a pickle of numpy arrays under detectron2's ResNet names, the format of the MoCo
-authors' converter) and torchvision (a plain state_dict for `torchvision.models.<arch>()`). The backbone is
-checked against the torchvision architecture before anything is written, so a wrong or partial checkpoint
-fails here with the missing names instead of loading silently into random weights later.
+authors' converter), torchvision (a plain state_dict for `torchvision.models.<arch>()`) and timm (the same
+tensors: timm's ResNets use torchvision's names and shapes; without the projection head they load strictly into
+`timm.create_model(arch, pretrained=False, num_classes=0)`). The backbone is checked against the torchvision
+architecture (and timm's, when timm is installed) before anything is written, so a wrong or partial checkpoint
+fails here with the missing names instead of loading silently into random weights later. torchvision and timm
+outputs named `*.safetensors` are written with safetensors (arch, source, epoch, target in the header's metadata);
+other names get torch.save's pickle, read back with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ import numpy as np
 import torch
 import torchvision
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, query_encoder_state
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_save_safetensors,
+    is_safetensors,
+    load_checkpoint,
+    query_encoder_state,
+)
 from .fileio import atomic_open, describe_key_mismatch
 
-TARGETS = ("detectron2", "torchvision")
+TARGETS = ("detectron2", "torchvision", "timm")
+# Config entries copied into a safetensors file's metadata: what `moco eval` needs to read the file like the
+# checkpoint it came from (input size, default --data, the preset's linear-probe settings).
+_CONFIG_METADATA = ("image_size", "data", "preset")
 D2_AUTHOR = "MOCO"
 _LAYER_RE = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
 _BN_RE = re.compile(r"^bn([1-3])\.(.+)$")
@@ -48,6 +62,7 @@ class Backbone:
     state: dict[str, torch.Tensor]
     skipped_head: list[str] = field(default_factory=list)
     epoch: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the pretraining config, when the checkpoint has one
 
 
 @dataclass
@@ -63,6 +78,7 @@ class ConversionSummary:
     parameters: int
     skipped_head: list[str]
     missing_in_target: list[str] = field(default_factory=list)
+    usage: str = ""  # how the target loads the file, printed for the user to copy
 
     def format(self) -> str:
         lines = [
@@ -74,6 +90,8 @@ class ConversionSummary:
         ]
         if self.missing_in_target:
             lines.append(f"  left for the target to initialise: {', '.join(self.missing_in_target)}")
+        if self.usage:
+            lines.append(f"  load with: {self.usage}")
         return "\n".join(lines)
 
 
@@ -106,23 +124,61 @@ def check_backbone(state: Mapping[str, torch.Tensor], arch: str, source: str) ->
         raise CheckpointError(f"{source}: query encoder does not match torchvision {arch}: " + "; ".join(problems))
 
 
-def load_backbone(path: str | os.PathLike, arch: str | None = None) -> Backbone:
+def check_timm_backbone(state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
+    """Raise CheckpointError unless `state` loads strictly into timm's `arch` without a classifier.
+
+    timm's ResNets share torchvision's names and shapes today; this check (on the meta device: no memory, no
+    init) keeps a future rename in timm from producing files that only fail at the user's load_state_dict.
+    timm is optional (a test extra): without it the torchvision check stands alone.
+    """
+    try:
+        import timm
+    except ImportError:
+        return
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception as exc:  # an unknown name is a RuntimeError in timm
+        raise CheckpointError(f"{source}: timm cannot build {arch!r} ({exc})") from exc
+    problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                     {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise CheckpointError(f"{source}: query encoder does not match timm {arch} (num_classes=0): "
+                              + "; ".join(problems))
+
+
+def _small_stem(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> bool:
+    """A checkpoint pretrained with small_images=True: its config says so, or conv1 is 3x3 (official files)."""
+    conv1 = state.get("conv1.weight")
+    return bool(config.get("small_images")) or (conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
+
+
+def load_backbone(path: str | os.PathLike, arch: str | None = None, target: str | None = None) -> Backbone:
     """Read a MoCo checkpoint (this project's or an official release) with weights_only=True and validate it.
 
     `arch` overrides the checkpoint's own "arch" entry; without either it is inferred from the block layout.
+    `target` "timm" refuses small-image stems with their own message (timm's ResNet stem is fixed at 7x7 stride
+    2 with a max-pool, so those weights have no place there); other targets get the shape check's message.
     """
     ckpt = load_checkpoint(path)
     full = query_encoder_state(ckpt["state_dict"], source=f"checkpoint {path}", keep_head=True)
     state = {k: v for k, v in full.items() if not k.startswith("fc.")}
     skipped = sorted(k for k in full if k.startswith("fc."))
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
     arch = arch or ckpt.get("arch") or infer_arch(state)
     if not arch:
         raise CheckpointError(f"checkpoint {path}: cannot tell the ResNet architecture (no 'arch' entry and "
                               f"no standard block layout); pass it explicitly")
+    if target == "timm" and _small_stem(state, config):
+        raise CheckpointError(f"checkpoint {path}: pretrained with small_images=True (3x3 stride-1 stem, no "
+                              f"max-pool), which timm's {arch} (7x7 stride-2 stem, max-pool) cannot hold; "
+                              f"--to timm needs a checkpoint with the standard stem")
     check_backbone(state, arch, f"checkpoint {path}")
+    if target == "timm":
+        check_timm_backbone(state, arch, f"checkpoint {path}")
     epoch = ckpt.get("epoch")
     return Backbone(source=str(path), arch=str(arch), state=state, skipped_head=skipped,
-                    epoch=int(epoch) if isinstance(epoch, int | torch.Tensor) else None)
+                    epoch=int(epoch) if isinstance(epoch, int | torch.Tensor) else None, config=dict(config))
 
 
 def detectron2_name(key: str) -> str:
@@ -196,17 +252,52 @@ def _write_pickle(obj: Any, path: Path) -> None:
         pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def safetensors_metadata(bb: Backbone, target: str) -> dict[str, str]:
+    """The header metadata of a converted safetensors file (all strings, as the format requires).
+
+    arch, source, epoch and target say what the file is; image_size, data and preset (from the pretraining
+    config, when present) let `moco eval` read it with the checkpoint's own defaults.
+    """
+    meta = {"format": "pt", "written_by": "moco_transfer.convert", "target": target, "arch": bb.arch,
+            "source": bb.source}
+    if bb.epoch is not None:
+        meta["epoch"] = str(bb.epoch)
+    for key in _CONFIG_METADATA:
+        if bb.config.get(key) is not None:
+            meta[key] = str(bb.config[key])
+    return meta
+
+
+def _usage(target: str, arch: str, output: Path) -> str:
+    """The line that loads `output` into its target, for the summary."""
+    read = (f"safetensors.torch.load_file({str(output)!r})" if is_safetensors(output)
+            else f"torch.load({str(output)!r}, weights_only=True)")
+    if target == "timm":
+        return f"model = timm.create_model({arch!r}, pretrained=False, num_classes=0); model.load_state_dict({read})"
+    if target == "torchvision":
+        return f"model = torchvision.models.{arch}(); model.fc = torch.nn.Identity(); model.load_state_dict({read})"
+    return ""
+
+
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, target: str = "detectron2",
             force: bool = False, arch: str | None = None) -> ConversionSummary:
-    """Convert `checkpoint` to `target` at `output`; refuses to overwrite an existing file unless `force`."""
+    """Convert `checkpoint` to `target` at `output`; refuses to overwrite an existing file unless `force`.
+
+    An output named `*.safetensors` is written with safetensors (torchvision and timm targets only: detectron2
+    reads its weights from a pickle); any other name gets a pickle.
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     output = Path(output)
+    if target == "detectron2" and is_safetensors(output):
+        raise ValueError(f"output {output}: detectron2 reads converted weights from a pickle (.pkl), not "
+                         f"safetensors; name it e.g. {output.with_suffix('.pkl').name}, or pass --to torchvision "
+                         f"or --to timm for a safetensors file")
     if output.exists() and not force:
         raise FileExistsError(f"output {output} exists; pass --force to overwrite it")
     if output.exists() and output.is_dir():
         raise IsADirectoryError(f"output {output} is a folder; expected a file path")
-    bb = load_backbone(checkpoint, arch=arch)
+    bb = load_backbone(checkpoint, arch=arch, target=target)
     missing: list[str] = []
     if target == "detectron2":
         payload = detectron2_payload(bb.state)
@@ -214,11 +305,15 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, target: st
         written = payload["model"]
     else:
         written = {k: v.detach().cpu().clone() for k, v in bb.state.items()}
-        atomic_save(written, output)
-        missing = ["fc.weight", "fc.bias"]
+        if is_safetensors(output):
+            atomic_save_safetensors(written, output, safetensors_metadata(bb, target))
+        else:
+            atomic_save(written, output)
+        # torchvision's model always has an fc; timm's with num_classes=0 has none, so nothing is left over
+        missing = ["fc.weight", "fc.bias"] if target == "torchvision" else []
     tensors = len(written)
     params = sum(int(np.prod(v.shape)) for k, v in written.items() if "running_" not in k
                  and "num_batches_tracked" not in k)
     return ConversionSummary(source=str(checkpoint), output=str(output), target=target, arch=bb.arch,
                              epoch=bb.epoch, tensors=tensors, parameters=params, skipped_head=bb.skipped_head,
-                             missing_in_target=missing)
+                             missing_in_target=missing, usage=_usage(target, bb.arch, output))

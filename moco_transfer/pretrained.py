@@ -2,7 +2,8 @@
 
 The official linear script loads with strict=False and asserts only on fc; users of other loaders get silently
 random networks. Here every backbone tensor must come from the checkpoint or loading fails with the list of
-what is missing.
+what is missing. Besides MoCo checkpoints (pickles, read with weights_only=True), `moco convert`'s safetensors
+backbones (`*.safetensors`, torchvision or timm target) load too, checked as the converter checks them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
-from .checkpoint import CheckpointError, load_checkpoint, query_encoder_state
+from .checkpoint import CheckpointError, is_safetensors, load_checkpoint, query_encoder_state, read_safetensors
+from .convert import check_backbone, infer_arch
 from .data import embedded_name
 from .fileio import describe_key_mismatch, sha256_file
 from .named_sets import named_set
@@ -110,18 +112,63 @@ def pretrained_on_embedded(config: dict[str, Any]) -> str | None:
     return str(data) if embedded_name(data) is not None or named_set(data) is not None else None
 
 
+def _metadata_int(metadata: dict[str, str], key: str, path: Path, minimum: int = 0) -> int | None:
+    """An integer entry of a safetensors header's metadata (strings by the format), checked: the file is untrusted."""
+    if key not in metadata:
+        return None
+    try:
+        value = int(metadata[key])
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise CheckpointError(f"weights {path}: header metadata {key!r} is {metadata[key]!r}, not an integer >= "
+                              f"{minimum} (corrupted or tampered)")
+    return value
+
+
+def _safetensors_checkpoint(path: Path) -> dict[str, Any]:
+    """A converted safetensors backbone as load_pretrained_backbone's checkpoint dict (`state_dict`, `arch`,
+    `epoch`, `config`), validated against torchvision's architecture as `moco convert` validates its input.
+
+    The file holds the backbone's tensors under torchvision's names (no head, no prefix) and `moco convert`'s
+    metadata; a file holding a MoCo state (`module.encoder_q.*`) is accepted too. The standard stem is implied:
+    torchvision's and timm's ResNets have no other, and a 3x3 conv1 fails the shape check.
+    """
+    tensors, metadata = read_safetensors(path)
+    if any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in tensors):
+        tensors = query_encoder_state(tensors, source=f"weights {path}")
+    arch = metadata.get("arch") or infer_arch(tensors)
+    if not arch:
+        raise CheckpointError(f"weights {path}: no 'arch' in the header metadata and the tensors match no "
+                              f"standard ResNet block layout")
+    if arch not in RESNET_ARCHS:
+        raise CheckpointError(f"weights {path}: arch {arch!r} is not one of {RESNET_ARCHS}")
+    check_backbone(tensors, arch, f"weights {path}")
+    config: dict[str, Any] = {"arch": arch, "small_images": False}
+    image_size = _metadata_int(metadata, "image_size", path, minimum=1)
+    if image_size is not None:
+        config["image_size"] = image_size
+    config.update({k: metadata[k] for k in ("data", "preset") if k in metadata})
+    return {"state_dict": tensors, "arch": arch, "epoch": _metadata_int(metadata, "epoch", path), "config": config}
+
+
 def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str = "cpu") -> PretrainedBackbone:
     """The query encoder minus its head, frozen (no grad) and in eval mode, with its input geometry.
 
     Arch, small-image stem and image size come from the checkpoint's `config` when it has one (this project);
-    otherwise from `arch` and the weights (official checkpoints: 7x7 stem, 224 px).
+    otherwise from `arch` and the weights (official checkpoints: 7x7 stem, 224 px). A `*.safetensors` file is a
+    `moco convert` backbone: arch, epoch and image size come from its header metadata (224 px when absent).
     """
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    if is_safetensors(path):
+        ckpt = _safetensors_checkpoint(path)
+        state = ckpt["state_dict"]  # the backbone alone, validated already
+    else:
+        ckpt = load_checkpoint(path)
+        state = query_encoder_state(ckpt["state_dict"], source=f"checkpoint {path}")
     config: dict[str, Any] = ckpt.get("config") or {}
     if not isinstance(config, dict):
         config = {}
-    state = query_encoder_state(ckpt["state_dict"], source=f"checkpoint {path}")
     conv1 = state.get("conv1.weight")
     small = bool(config["small_images"]) if "small_images" in config else (
         conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
