@@ -21,6 +21,16 @@ def eval_group() -> None:
     """Evaluate a pretrained checkpoint: linear classification, kNN retrieval, VOC detection."""
 
 
+def _monitor_options(f):  # noqa: ANN001, ANN202 - a click decorator
+    """--tensorboard/--no-tensorboard and --wandb [online|offline], shared by pretrain and the evaluators."""
+    f = click.option("--wandb", type=click.Choice(["online", "offline"]), is_flag=False, flag_value="online",
+                     default=None, help="Also log to Weights & Biases (needs the wandb package); offline for "
+                                        "clusters without network (wandb sync later).")(f)
+    return click.option("--tensorboard/--no-tensorboard", default=None,
+                        help="TensorBoard event files in OUTPUT/tensorboard (default: on when tensorboard is "
+                             "installed).")(f)
+
+
 def _log_every_option(expose_value: bool = False):  # noqa: ANN202 - a click decorator
     """--log-every: when output is not a terminal, a plain progress line every N seconds replaces the bars."""
 
@@ -138,6 +148,10 @@ def _pretrain_options(f):  # noqa: ANN001, ANN202 - click decorator stack
         click.option("--data-pipeline", type=click.Choice(["auto", "cpu", "gpu"]),
                      help="cpu: workers decode and augment; gpu: workers read bytes, the device decodes and "
                           "augments (also runs on CPU tensors). auto: gpu on CUDA, else cpu."),
+        click.option("--online-probe/--no-online-probe", default=None,
+                     help="A linear classifier on the detached query features, trained beside MoCo; its top-1 on "
+                          "the training stream each epoch (default: on when --data has labels)."),
+        _monitor_options,
         _log_every_option(expose_value=True),
     ]
     for opt in reversed(opts):
@@ -156,6 +170,7 @@ def pretrain(config_file: str | None, resume: str | None, force: bool, schedule:
     from moco_transfer.pretrain.engine import TrainingDiverged, run_pretraining
     from moco_transfer.pretrain.preemption import StoppedBySignal
     from moco_transfer.progress import set_log_every
+    from moco_transfer.run_log import MonitorSetupError
 
     if schedule:
         options["schedule"] = list(schedule)
@@ -163,7 +178,7 @@ def pretrain(config_file: str | None, resume: str | None, force: bool, schedule:
         cfg = resolve_config(options.pop("preset"), config_file, options)
         set_log_every(cfg.log_every)  # the kNN monitor's bars too; --config may set it
         run_pretraining(cfg, resume=resume, force=force)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, MonitorSetupError) as exc:
         raise click.UsageError(str(exc)) from None
     except TrainingDiverged as exc:
         raise click.ClickException(str(exc)) from None
@@ -231,13 +246,16 @@ def convert_cmd(checkpoint: str, output: str, target: str, arch: str | None, for
               help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
 @click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")
 @click.option("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: GPU when present).")
+@_monitor_options
 def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, solver: str, epochs: int | None,
                 batch_size: int, lr: float | None, milestones: str | None, workers: int, seed: int, resume: bool,
-                cache_dir: str | None, no_cache: bool, device: str | None) -> None:
+                cache_dir: str | None, no_cache: bool, device: str | None, tensorboard: bool | None,
+                wandb: str | None) -> None:
     """Linear classification on CHECKPOINT's frozen backbone (MoCo protocol; --cached or --solver lbfgs: fast)."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
     from moco_transfer.eval.linear import LinearConfig, run_linear
+    from moco_transfer.run_log import MonitorOptions
     from moco_transfer.signals import StoppedBySignal
 
     try:
@@ -248,7 +266,8 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
     cfg = LinearConfig(mode=mode, epochs=epochs, batch_size=batch_size, lr=lr, milestones=steps, workers=workers,
                        seed=seed)
     try:
-        report = run_linear(checkpoint, output, data, cfg, cache_dir, not no_cache, resume, device)
+        report = run_linear(checkpoint, output, data, cfg, cache_dir, not no_cache, resume, device,
+                            MonitorOptions(tensorboard, wandb))
     except (CheckpointError, DataError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     except StoppedBySignal as exc:  # state saved; exit code 75 tells a job script to requeue (then --resume)
@@ -295,13 +314,15 @@ def eval_linear(checkpoint: str, data: str | None, output: str, cached: bool, so
               help="Feature cache folder (default ~/.cache/moco_transfer/features or $MOCO_CACHE_DIR).")
 @click.option("--no-cache", is_flag=True, help="Extract features again and do not store them.")
 @click.option("--device", type=str, default=None, help="cpu, cuda, ... (default: GPU when present).")
+@_monitor_options
 def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperature: float, map_depth: int | None,
              backend: str, query_batch: int, batch_size: int, workers: int, cache_dir: str | None, no_cache: bool,
-             device: str | None) -> None:
+             device: str | None, tensorboard: bool | None, wandb: str | None) -> None:
     """Weighted kNN top-1/top-5 and retrieval recall@1/5/10 + mAP of CHECKPOINT's features, with FAISS."""
     from moco_transfer.checkpoint import CheckpointError
     from moco_transfer.data import DataError
     from moco_transfer.eval.knn import KnnConfig, parse_ks, run_knn
+    from moco_transfer.run_log import MonitorOptions
 
     try:
         k_values = parse_ks(ks)
@@ -310,7 +331,8 @@ def eval_knn(checkpoint: str, data: str | None, output: str, ks: str, temperatur
     cfg = KnnConfig(ks=k_values, temperature=temperature, map_depth=map_depth, backend=backend,
                     query_batch=query_batch, batch_size=batch_size, workers=workers)
     try:
-        report = run_knn(checkpoint, output, data, cfg, cache_dir, not no_cache, device)
+        report = run_knn(checkpoint, output, data, cfg, cache_dir, not no_cache, device,
+                         MonitorOptions(tensorboard, wandb))
     except (CheckpointError, DataError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     for k, acc in report["knn"].items():

@@ -22,6 +22,7 @@ from moco_transfer.data import make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.knn import knn_classification, mean_average_precision, recall_at_k, search_neighbours
 from moco_transfer.pretrained import load_pretrained_backbone
+from moco_transfer.run_log import MonitorOptions, RunLog
 
 from .common import backbone_features, pick_device
 from .plots import save_gallery
@@ -68,9 +69,12 @@ def write_gallery(pair: Any, sims: torch.Tensor, idx: torch.Tensor, cfg: KnnConf
 
 def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike | None = None,
             cfg: KnnConfig | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-            device: str | None = None) -> dict[str, Any]:
-    """Evaluate `checkpoint`; writes knn.json and knn_gallery.png to `output` and returns the report."""
+            device: str | None = None, monitors: MonitorOptions | None = None) -> dict[str, Any]:
+    """Evaluate `checkpoint`; writes knn.json and knn_gallery.png to `output` (and its figures to TensorBoard /
+    W&B at step 0, as `monitors` say) and returns the report."""
     cfg = cfg or KnnConfig()
+    monitors = monitors or MonitorOptions()
+    monitors.check()
     if not cfg.ks or min(cfg.ks) < 1 or not cfg.recall_ks or min(cfg.recall_ks) < 1:
         raise ValueError(f"--k {cfg.ks} / recall ks {cfg.recall_ks}: expected positive integers")
     if cfg.temperature <= 0:
@@ -119,6 +123,10 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
         "gallery": str(gallery) if gallery else None, "device": str(dev), "warnings": warnings,
     }
     (out / "knn.json").write_text(json.dumps(report, indent=2))
+    with RunLog(out, monitors, name=f"knn {out.name}", config=report["hyperparameters"]) as run_log:
+        for k, acc in classification.items():
+            run_log.scalars(acc, 0, prefix=f"knn/k{k}_")
+        run_log.scalars(report["retrieval"], 0, prefix="retrieval/")
     return report
 
 

@@ -37,6 +37,7 @@ from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
+from moco_transfer.run_log import MonitorOptions, RunLog
 from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 from moco_transfer.signals import StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
 
@@ -321,11 +322,12 @@ def _agree(flag: bool, device: torch.device) -> bool:
 def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: LinearConfig, device: torch.device,
               state_path: Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
               after_first_epoch: Callable[[], None] | None = None, show_batches: bool = True,
-              stop: StopRequest | None = None) -> dict[str, Any]:
+              stop: StopRequest | None = None, open_log: Callable[[int], RunLog] | None = None) -> dict[str, Any]:
     """The SGD protocol on whatever `source` yields; per-epoch top-1/top-5, resumable from `state_path`.
 
     With `stop`, a signal ends training after the step in progress on every rank: the state, with the epoch's
     position and every rank's running loss, goes to `state_path` and StoppedBySignal is raised.
+    `open_log(first_step)` opens the run's TensorBoard/W&B log; each epoch's row goes there at step = epoch.
     """
     cfg, _ = resolve_settings(cfg)  # no-op on a resolved config; a bare one gets the ImageNet protocol
     torch.manual_seed(cfg.seed)
@@ -360,6 +362,8 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
 
     epochs_bar = progress(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
                           total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
+    # A resumed run continues its curves: what the stopped run logged after its state was saved is hidden.
+    run_log = open_log(start_epoch + 1 if resume and (history or mid) else 0) if open_log else None
     for epoch in epochs_bar:
         lr = lr_at_epoch(lr0, epoch, milestones)
         for group in optimizer.param_groups:
@@ -403,12 +407,17 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
                "top1": acc["top1"], "top5": acc["top5"], "train_seconds": train_time,
                "images_per_s": seen * du.world_size() / max(train_time, 1e-9)}
         history.append(row)
+        if run_log is not None:  # flushed each epoch: a stop signal raises before any close
+            run_log.scalars(row, epoch + 1, prefix="linear/")
+            run_log.flush()
         epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.3g}", top1=f"{acc['top1']:.2f}",
                                best=f"{max(h['top1'] for h in history):.2f}")
         save(epoch + 1)
         if stop is not None and epoch + 1 < cfg.epochs and _agree(stop.requested, device):
             raise StoppedBySignal(f"linear: stopped by {stop.signal_name} after epoch {epoch + 1}; wrote "
                                   f"{state_path}. Continue with --resume.")
+    if run_log is not None:
+        run_log.close()
     if not history:
         raise ValueError(f"linear: no epochs to run (epochs={cfg.epochs}, resumed at {start_epoch})")
     best = max(history, key=lambda h: h["top1"])
@@ -459,8 +468,10 @@ def divergence_warnings(history: list[dict[str, float]], num_classes: int) -> li
 
 def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike | None = None,
                cfg: LinearConfig | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-               resume: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Evaluate `checkpoint` with `cfg.mode`; writes linear.json and linear_curve.png to `output`.
+               resume: bool = False, device: str | None = None, monitors: MonitorOptions | None = None
+               ) -> dict[str, Any]:
+    """Evaluate `checkpoint` with `cfg.mode`; writes linear.json and linear_curve.png to `output`, and the
+    per-epoch figures to TensorBoard / W&B as `monitors` say (rank 0).
 
     SGD training (faithful, cached) stops on SIGTERM/SIGUSR1 with StoppedBySignal after saving its state;
     feature extraction and lbfgs keep the signals' default actions (nothing of theirs could be saved).
@@ -472,6 +483,8 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         raise ValueError(f"--epochs {cfg.epochs}: expected at least 1")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr {cfg.lr}: expected a positive number")
+    monitors = monitors or MonitorOptions()
+    monitors.check()
     dev = du.init_from_env()
     if device is not None:
         dev = torch.device(device)
@@ -487,13 +500,19 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
             "batch_size": cfg.batch_size, "lr": base_lr(cfg.batch_size, cfg.lr), "seed": cfg.seed}
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
+
+    def open_log(first_step: int) -> RunLog:
+        return RunLog(out, monitors, name=f"linear {out.name}", first_step=first_step,
+                      config={**meta, **asdict(cfg)}, main_process=du.is_main_process())
+
     if faithful:
         source = BackboneSource(pb.model, pair.train, pair.val, cfg.batch_size, cfg.workers, dev, cfg.seed)
         reference = snapshot(pb.model)
         with StopRequest() as stop:
             try:
                 result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
-                                   after_first_epoch=lambda: assert_unchanged(pb.model, reference), stop=stop)
+                                   after_first_epoch=lambda: assert_unchanged(pb.model, reference), stop=stop,
+                                   open_log=open_log)
             finally:  # stopped, failed or done: the workers end here, with the signals still only flagged
                 source.close()
         assert_unchanged(pb.model, reference)
@@ -509,10 +528,12 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
                                   cfg.batch_size, cfg.seed)
             with StopRequest() as stop:
                 result = train_sgd(source, pb.feature_dim, num_classes, cfg, dev, out / STATE_NAME, resume, meta,
-                                   show_batches=False, stop=stop)
+                                   show_batches=False, stop=stop, open_log=open_log)
         else:
             result = train_lbfgs(feats.train_features, feats.train_labels, feats.val_features, feats.val_labels,
                                  num_classes, cfg)
+            with open_log(0) as run_log:
+                run_log.scalars(result["final"], 0, prefix="linear/")
     result.pop("fc", None)
     extra["warnings"] = divergence_warnings(result.get("history", []), num_classes)
     report = {

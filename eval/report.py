@@ -39,17 +39,20 @@ from .plots import save_bars
 # paper's order ("VOC AP50", ..., "COCO box AP", ..., "COCO mask AP75").
 DETECTION_FAMILY = {(bm.name, task, key): f"{bm.name.upper()} {'' if bm.flat else bm.task_labels[task] + ' '}{key}"
                     for bm in (VOC, COCO) for task in bm.tasks for key in bm.line_keys}
-FAMILIES = ("linear top-1", "kNN top-1", *DETECTION_FAMILY.values())
+PROBE_FAMILY = "online probe top-1"
+FAMILIES = ("linear top-1", "kNN top-1", PROBE_FAMILY, *DETECTION_FAMILY.values())
 # Families shown only when some row has a result: COCO is optional (a day of GPU time per trial), and six empty
-# columns on every table would hide the tech report's own layout (linear, kNN, VOC).
-OPTIONAL_FAMILIES = frozenset(f for f in FAMILIES if f.startswith("COCO"))
+# columns on every table would hide the tech report's own layout (linear, kNN, VOC); the online probe exists only
+# for runs on labelled data.
+OPTIONAL_FAMILIES = frozenset(f for f in FAMILIES if f.startswith("COCO") or f == PROBE_FAMILY)
 # Header -> PretrainConfig field, in the tech report's order.
 SWITCHES = (("MLP", "mlp"), ("aug+", "aug_plus"), ("cos", "cos"), ("T", "moco_t"), ("epochs", "epochs"),
             ("batch", "batch_size"))
 # Config fields that say how a run was executed or monitored, not what was trained: ignored when pooling seeds.
 # Any other field (including ones added later) separates recipes, so pooling errs on the side of not merging.
 RUN_ONLY = frozenset({"seed", "output", "workers", "device", "amp", "channels_last", "knn_every", "knn_data",
-                      "knn_k", "knn_t", "keep_every", "print_baseline", "data_pipeline", "log_every"})
+                      "knn_k", "knn_t", "keep_every", "print_baseline", "data_pipeline", "log_every",
+                      "online_probe", "tensorboard", "wandb"})
 GROUP_BY = ("checkpoint", "recipe")
 DEFAULT_KNN_K = 200
 DASH = "–"
@@ -235,6 +238,9 @@ def read_pretrain_run(folder: Path, hashes: dict[Path, str]) -> list[Found]:
     if knn is None and last is not None:
         knn = _number(last.get("knn_top1"))
     measurements = [Measurement(protocol, [knn])] if knn is not None else []
+    probe = _number(last.get("online_probe_top1")) if last is not None else None
+    if probe is not None:  # the last epoch's training-stream top-1 of the probe trained beside MoCo
+        measurements.append(Measurement(Protocol(PROBE_FAMILY, (("source", "training stream"),)), [probe]))
     found = [Found("pretrain", folder, measurements, checkpoint=ckpt.resolve() if ckpt else None,
                    sha256=_sha(ckpt, hashes) if ckpt else None, recipe=cfg, trained_epochs=trained,
                    seed=cfg_dict.get("seed"))]

@@ -63,6 +63,9 @@ class PretrainConfig:
     print_baseline: bool = False       # compare with a random-weights encoder at the end (kNN)
     data_pipeline: str = "auto"        # auto | cpu | gpu: decode + augment in workers (cpu) or on the device
     log_every: float = 30.0            # seconds between plain progress lines when output is not a terminal
+    online_probe: bool | None = None   # linear probe on the query features during training; None: when labelled
+    tensorboard: bool | None = None    # event files in <output>/tensorboard; None: when the package is installed
+    wandb: str | None = None           # Weights & Biases: online | offline; None: off
 
     @property
     def effective_lr(self) -> float:
@@ -243,6 +246,8 @@ def validate(cfg: PretrainConfig) -> None:
         bad("data_pipeline", "auto, cpu or gpu")
     if not cfg.log_every >= 0:
         bad("log_every", "0 (no progress lines) or a number of seconds")
+    if cfg.wandb not in (None, "online", "offline"):
+        bad("wandb", "online or offline (or leave it out)")
     if not cfg.checkpoint_every_min >= 0:
         bad("checkpoint_every_min", "0 (only epoch checkpoints) or a number of minutes")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_transfer import distributed as du
-from moco_transfer.backbone import HeadBatchNorm, build_resnet
+from moco_transfer.backbone import HeadBatchNorm, build_resnet, feature_dim
 from moco_transfer.builder import MoCo
 from moco_transfer.checkpoint import (
     CheckpointError,
@@ -30,6 +30,7 @@ from moco_transfer.checkpoint import (
 )
 from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_atomic
 from moco_transfer.progress import progress, write
+from moco_transfer.run_log import TENSORBOARD_DIR, WANDB_ID_FILE, MonitorOptions, RunLog
 from moco_transfer.signals import shut_down_workers
 
 from .config import ConfigError, PretrainConfig, resolve_amp, save_resolved
@@ -37,6 +38,8 @@ from .curves import save_pretrain_curves
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch, start_epoch_at
 from .gpu_pipeline import DevicePipeline, pipeline_choice
 from .monitor import KnnMonitor
+from .online_probe import CHECKPOINT_KEY as PROBE_KEY
+from .online_probe import OnlineProbe, dataset_classes
 from .preemption import (
     MID_EPOCH_NAME,
     EpochPosition,
@@ -58,9 +61,10 @@ SUMMARY_NAME = "pretrain.json"
 RESUMABLE_CHANGES = frozenset({
     "preset", "output", "data_root", "epochs", "workers", "device", "data_pipeline", "amp", "channels_last", "compile",
     "knn_every", "knn_data", "knn_k", "knn_t", "keep_every", "checkpoint_every_min", "print_baseline", "log_every",
+    "online_probe", "tensorboard", "wandb",  # the probe reads the encoder and changes nothing it learns
 })
 # The files a run writes into its output folder; a fresh run refuses a folder that holds any of them.
-RUN_FILE_PATTERNS = ("checkpoint_*.pth.tar", "log.jsonl", "pretrain.json", "config.yaml", "curves.png")
+RUN_FILE_PATTERNS = ("checkpoint_*.pth.tar", "log.jsonl", "pretrain.json", "config.yaml", "curves.png", WANDB_ID_FILE)
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,6 +121,17 @@ def load_model_state(model: MoCo, state_dict: dict[str, torch.Tensor], source: s
     return notes
 
 
+def build_online_probe(cfg: PretrainConfig, dataset: Any, model: MoCo, device: torch.device) -> OnlineProbe | None:
+    """The online probe when asked for, or by default when the pretraining set has labels."""
+    classes = dataset_classes(dataset)
+    if cfg.online_probe is False or (cfg.online_probe is None and len(classes) < 2):
+        return None
+    if len(classes) < 2:
+        raise ConfigError(f"--online-probe: --data {cfg.data} has no class labels (a flat folder or a list without "
+                          "labels); the probe needs them. Drop --online-probe.")
+    return OnlineProbe(model.encoder_q.fc, feature_dim(cfg.arch), len(classes), device)
+
+
 def compile_encoders(model: MoCo, **options: Any) -> None:
     """torch.compile both encoders in place (`nn.Module.compile`), so parameters, state-dict keys and the
     official checkpoint layout stay as they are; the queue, shuffle and momentum update run eagerly around them.
@@ -145,6 +160,7 @@ class EpochStats:
     images_per_s: float
     skipped: list[str]
     stopped_at: EpochPosition | None = None  # set when a stop signal ended the epoch early
+    probe_top1: float | None = None  # the online probe's top-1 (%) on the epoch's labelled images
 
 
 @dataclass
@@ -161,6 +177,8 @@ class EpochControl:
     save_every_s: float = 0.0
     start: EpochPosition | None = None
     read_every: int = 10
+    probe: OnlineProbe | None = None
+    on_read: Callable[[dict[str, float], int], None] | None = None  # (figures since the last read, global step)
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -193,8 +211,11 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     amp_dtype = autocast_dtype(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_steps = start.step + len(loader)
-    figures = torch.zeros(max(len(loader), 1), 2, device=device)  # per step: loss, top-1 fraction
+    # per step: loss, top-1 fraction, the online probe's correct and labelled counts
+    figures = torch.zeros(max(len(loader), 1), 4, device=device)
     loss_sum, acc_sum = start.loss_sum, start.acc_sum
+    probe_correct, probe_seen = start.probe_correct, start.probe_seen
+    probe = control.probe
     steps = read = 0
     skipped: list[str] = []
     stopped = False
@@ -204,9 +225,9 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                    log_every=cfg.log_every)
 
     def read_figures() -> None:
-        nonlocal loss_sum, acc_sum, read
+        nonlocal loss_sum, acc_sum, probe_correct, probe_seen, read
         window = figures[read:steps].tolist()
-        for offset, (loss_value, acc) in enumerate(window):
+        for offset, (loss_value, acc, correct, labelled) in enumerate(window):
             if not math.isfinite(loss_value):
                 bar.close()
                 raise TrainingDiverged(
@@ -215,17 +236,26 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                     f"--lr or --base-lr{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
             loss_sum += loss_value
             acc_sum += acc * 100.0
+            probe_correct += correct
+            probe_seen += labelled
         read = steps
         images_per_s = steps * cfg.batch_size / (time.perf_counter() - begin)
-        bar.set_postfix(loss=f"{sum(w[0] for w in window) / max(len(window), 1):.4f}", lr=f"{lr:.4g}",
-                        img_s=f"{images_per_s:.1f}", refresh=False)
+        window_loss = sum(w[0] for w in window) / max(len(window), 1)
+        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", refresh=False)
+        if control.on_read is not None and window:
+            shown = {"loss": window_loss, "acc1": 100.0 * sum(w[1] for w in window) / len(window), "lr": lr,
+                     "images_per_s": images_per_s}
+            labelled_now = sum(w[3] for w in window)
+            if probe is not None and labelled_now:
+                shown["online_probe_top1"] = 100.0 * sum(w[2] for w in window) / labelled_now
+            control.on_read(shown, epoch * total_steps + start.step + steps)
 
     def position() -> EpochPosition:
-        return EpochPosition(epoch, start.step + steps, loss_sum, acc_sum)
+        return EpochPosition(epoch, start.step + steps, loss_sum, acc_sum, probe_correct, probe_seen)
 
     batches = iter(loader)
     try:
-        for views, _, bad in batches:
+        for views, targets, bad in batches:
             skipped.extend(bad)
             im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
             im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
@@ -238,6 +268,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             scaler.update()
             figures[steps, 0] = loss.detach()
             figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
+            if probe is not None:
+                figures[steps, 2:] = probe.step(targets)
             steps += 1
             bar.update()
             now = time.perf_counter()
@@ -265,12 +297,17 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     bar.close()
     elapsed = time.perf_counter() - begin
     done = start.step + steps
+    probe_top1 = None
+    if probe is not None:
+        correct, labelled = (du.all_reduce_mean(v, device) for v in (probe_correct, probe_seen))
+        probe_top1 = 100.0 * correct / labelled if labelled else None
     return EpochStats(
         loss=du.all_reduce_mean(loss_sum / max(done, 1), device),
         acc1=du.all_reduce_mean(acc_sum / max(done, 1), device),
         images_per_s=steps * cfg.batch_size / elapsed,
         skipped=skipped,
         stopped_at=position() if stopped else None,
+        probe_top1=probe_top1,
     )
 
 
@@ -315,7 +352,7 @@ def claim_output(out: Path, resume: str | None, force: bool) -> None:
     if found and du.is_main_process():
         aside = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
         aside.mkdir(parents=True, exist_ok=True)
-        for path in found:
+        for path in [*found, *[d for d in [out / TENSORBOARD_DIR] if d.is_dir()]]:
             path.rename(aside / path.name)
         log(f"--force: moved the run that was in {out} ({len(found)} files) to {aside}")
     du.barrier()
@@ -339,6 +376,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
     checkpoint is written); `resume="auto"` continues from the newest checkpoint, mid-epoch ones included.
     Without `resume`, an output folder that holds a run is refused unless `force` (see claim_output).
     """
+    MonitorOptions(cfg.tensorboard, cfg.wandb).check()  # a missing package fails before any work
     device = select_device(cfg)
     amp, why = resolve_amp(cfg.amp, device)
     if amp != cfg.amp:  # the run records what it computes in: config.yaml and the checkpoint say bf16 or none
@@ -356,6 +394,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
         compile_encoders(model)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    probe = build_online_probe(cfg, dataset, model, device)
     start_epoch, history, position, rng_states, stored_knn = 0, [], None, None, None
 
     resume_path = resolve_resume(resume, cfg.output)
@@ -370,6 +409,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
             optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and cfg.amp == "fp16":
             scaler.load_state_dict(ckpt["scaler"])
+        if probe is not None and not probe.load_checkpoint_state(ckpt.get(PROBE_KEY, {})):
+            log(f"{resume_path}: no online probe for {probe.num_classes} classes in the file; a fresh one starts")
         start_epoch, history = int(ckpt.get("epoch", 0)), list(ckpt.get("history", []))
         stored_knn = ckpt.get("random_init_knn")
         position, rng_states = _mid_epoch_start(ckpt, resume_path)
@@ -395,16 +436,24 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
         if choice.reason:
             log(choice.reason)
 
+    def probe_state() -> dict[str, Any]:
+        return {PROBE_KEY: probe.checkpoint_state()} if probe is not None else {}
+
     def save_mid_epoch(at: EpochPosition) -> Path:
         pipeline_rng = loader.consumed_rng if isinstance(loader, DevicePipeline) else None
         states = rank_states(at, pipeline_rng, device)  # every rank takes part
         path = out / MID_EPOCH_NAME
         if du.is_main_process():
-            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "rng": states}}
+            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "rng": states}, **probe_state()}
             atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
         du.barrier()
         return path
 
+    steps_per_epoch = len(loader)
+    first_step = (position.epoch * steps_per_epoch + position.step if position is not None
+                  else start_epoch * steps_per_epoch) + (1 if start_epoch or position is not None else 0)
+    run_log = RunLog(out, MonitorOptions(cfg.tensorboard, cfg.wandb), name=f"pretrain {out.name}",
+                     config=cfg.to_dict(), first_step=first_step, main_process=du.is_main_process())
     stop = StopRequest().install()
     read_every = 10  # under torchrun; set from the measured step rate after each epoch
     ckpt_path = find_latest(out) if start_epoch else None
@@ -418,7 +467,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
                 group["lr"] = lr
             seed_epoch(loader, cfg.seed, epoch)
             control = EpochControl(stop=stop, save=save_mid_epoch, save_every_s=cfg.checkpoint_every_min * 60.0,
-                                   read_every=read_every)
+                                   read_every=read_every, probe=probe,
+                                   on_read=partial(run_log.scalars, prefix="train/") if run_log.active else None)
             if position is not None and position.epoch == epoch:
                 note = start_epoch_at(loader, position.step, rng_states.get("pipeline"))
                 if note:
@@ -435,6 +485,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
             read_every = max(1, min(1000, round(SYNC_SECONDS * rate)))
             record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
                       "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
+            if stats.probe_top1 is not None:
+                record["online_probe_top1"] = round(stats.probe_top1, 3)
             if isinstance(loader, DevicePipeline):
                 record.update(loader.epoch_record())
                 warning = loader.fallback_warning()
@@ -451,8 +503,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
                                    img_s=f"{stats.images_per_s:.1f}", refresh=False)
             log(json.dumps(record))
             history.append(record)
+            run_log.scalars(record, (epoch + 1) * steps_per_epoch, prefix="epoch/")
             if du.is_main_process():
-                ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out, random_init_knn)
+                ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out, random_init_knn, probe_state())
                 _write_log(out, history)
                 _write_curves(cfg, out, history, random_init_knn)
             du.barrier()
@@ -461,6 +514,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
                                       "Continue with --resume auto.")
     finally:
         stop.close()
+        run_log.close()
+        if probe is not None:
+            probe.remove()
     epochs_bar.close()
 
     summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(ckpt_path) if ckpt_path else None,
@@ -551,12 +607,13 @@ def checkpoint_dict(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Opt
 
 
 def _save(cfg: PretrainConfig, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-          epoch: int, history: list[dict[str, Any]], out: Path, random_init_knn: float | None = None) -> Path:
+          epoch: int, history: list[dict[str, Any]], out: Path, random_init_knn: float | None = None,
+          extra: dict[str, Any] | None = None) -> Path:
     """Write this epoch's checkpoint atomically, then drop the previous one unless it is to be kept, and the
     mid-epoch one, which is older now."""
     path = out / checkpoint_name(epoch)
     previous = find_latest(out)
-    atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, epoch + 1, history, random_init_knn), path)
+    atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, epoch + 1, history, random_init_knn, extra), path)
     (out / MID_EPOCH_NAME).unlink(missing_ok=True)
     if previous is not None and previous != path:
         prev_epoch = int(previous.name.split("_")[1].split(".")[0])

@@ -28,12 +28,15 @@ MID_EPOCH_NAME = "checkpoint_mid_epoch.pth.tar"
 
 @dataclass
 class EpochPosition:
-    """Where an epoch stood: `step` batches done, with their summed loss and top-1 (%)."""
+    """Where an epoch stood: `step` batches done, with their summed loss and top-1 (%), and the online probe's
+    correct and labelled counts."""
 
     epoch: int  # 0-based index of the epoch in progress
     step: int
     loss_sum: float
     acc_sum: float
+    probe_correct: float = 0.0
+    probe_seen: float = 0.0
 
 
 def agree(flags: list[bool], device: torch.device) -> list[bool]:
@@ -52,7 +55,8 @@ def rank_states(at: EpochPosition, pipeline_state: torch.Tensor | None, device: 
     mine = {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "pipeline": pipeline_state.cpu() if pipeline_state is not None else None,
-            "loss_sum": at.loss_sum, "acc_sum": at.acc_sum}
+            "loss_sum": at.loss_sum, "acc_sum": at.acc_sum, "probe_correct": at.probe_correct,
+            "probe_seen": at.probe_seen}
     if not du.is_distributed():
         return [mine]
     gathered: list[Any] = [None] * du.world_size()

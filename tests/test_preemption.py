@@ -6,6 +6,7 @@ The references are uninterrupted runs of the same command: a resumed run must lo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -70,10 +71,30 @@ def _same_run(reference: Path, resumed: Path) -> None:
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
         assert rb["acc1"] == pytest.approx(ra["acc1"], abs=1e-3)
-    sa = load_checkpoint(reference / "checkpoint_0003.pth.tar")["state_dict"]
-    sb = load_checkpoint(resumed / "checkpoint_0003.pth.tar")["state_dict"]
+    ca = load_checkpoint(reference / "checkpoint_0003.pth.tar")
+    cb = load_checkpoint(resumed / "checkpoint_0003.pth.tar")
+    sa, sb = ca["state_dict"], cb["state_dict"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
     assert not (resumed / MID_EPOCH_NAME).exists()  # stale once its epoch has a checkpoint
+    # The online probe (on by default: the folders have labels) resumes exactly too.
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["online_probe_top1"] == pytest.approx(ra["online_probe_top1"], abs=1e-3)
+    pa, pb = ca["online_probe"]["module"], cb["online_probe"]["module"]
+    assert all(torch.allclose(pa[k].float(), pb[k].float(), atol=1e-5) for k in pa)
+    if importlib.util.find_spec("tensorboard") is not None:
+        _curves_continue(resumed, b)
+
+
+def _curves_continue(resumed: Path, log: list[dict]) -> None:
+    """TensorBoard shows each step once across the stopped and the resumed process, with the log's values."""
+    from .test_run_log import read_scalars
+
+    scalars = read_scalars(resumed)
+    steps = [s for s, _ in scalars["epoch/loss"]]
+    assert len(steps) == len(log) and steps == sorted(set(steps))
+    assert [v for _, v in scalars["epoch/loss"]] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    reads = [s for s, _ in scalars["train/loss"]]
+    assert reads == sorted(set(reads)) and reads[-1] == steps[-1]
 
 
 def _stopped_mid_epoch_2(out: Path, steps_per_epoch: int) -> int:
