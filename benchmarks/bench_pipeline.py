@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import math
 import os
 import shutil
 import statistics
@@ -38,6 +36,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from moco_transfer.fileio import write_json_atomic
 from moco_transfer.pretrain.config import PretrainConfig, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
 from moco_transfer.pretrain.engine import build_model, build_optimizer, compile_encoders, train_one_epoch
@@ -307,8 +306,7 @@ def main() -> None:
             figures.update(e_compile=e, e_over_d_gpu=e / d_gpu, e_over_c=e / c, compile_seconds=compile_s,
                            compile_loss_relative_gap=gap)
         if args.json:
-            Path(args.json).write_text(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v)
-                                                       else v) for k, v in figures.items()}, indent=2))
+            write_json_atomic(figures, args.json)
     finally:
         if not args.keep_data:
             shutil.rmtree(folder, ignore_errors=True)

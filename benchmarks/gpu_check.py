@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torchvision
 
+from moco_transfer.fileio import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_SECONDS = 240 + 120  # + the VOC part (tests/test_cuda_voc.py), about 2 minutes on one H200
 BENCH_SECONDS = 300
@@ -166,7 +168,7 @@ def main() -> None:
             f"{v.get('ratio')}: {v.get('predicted_reserved_gib')} GiB predicted, {v.get('real_peak_reserved_gib')} "
             "GiB peak over 40 iterations")
     report["seconds"] = time.perf_counter() - started
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(report, out / "gpu_check.json", default=str)
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     print(f"gpu_check: wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")

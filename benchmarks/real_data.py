@@ -43,6 +43,7 @@ from moco_transfer.checkpoint import atomic_save, with_module_prefix
 from moco_transfer.data import DataError
 from moco_transfer.eval.knn import KnnConfig, run_knn
 from moco_transfer.eval.linear import LinearConfig, run_linear
+from moco_transfer.fileio import write_json_atomic
 from moco_transfer.knn import knn_vote, search_neighbours, topk_accuracy
 from moco_transfer.named_sets import data_defaults, load_named_split
 from moco_transfer.pretrain.config import PretrainConfig, resolve_config
@@ -333,7 +334,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         "pretrain_epochs": [json.loads(line) for line in
                             (out / "pretrain" / "log.jsonl").read_text().splitlines() if line],
     }
-    (out / "real_data.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(report, out / "real_data.json", default=str)
     (out / "real_data.md").write_text(table + "\n")
     print()
     print(table)

@@ -6,7 +6,6 @@ with FAISS (GPU index when FAISS sees a GPU), queries in batches so memory stays
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from moco_transfer.augment import eval_transform
 from moco_transfer.data import make_datasets
 from moco_transfer.feature_cache import FeatureCache
+from moco_transfer.fileio import write_json_atomic
 from moco_transfer.knn import knn_classification, mean_average_precision, recall_at_k, search_neighbours
 from moco_transfer.pretrained import load_pretrained_backbone
 from moco_transfer.run_log import MonitorOptions, RunLog
@@ -103,6 +103,8 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
     recall = recall_at_k(neighbour_labels, val_l, cfg.recall_ks)
     mean_ap, scored = mean_average_precision(train_f, train_l, val_f, val_l, depth=cfg.map_depth,
                                              progress="mAP")
+    if not scored:  # mAP NaN, written as null
+        warnings.append("mAP: no validation query has a same-class image in the gallery (queries_scored 0)")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     gallery = write_gallery(pair, sims, idx, cfg, out / "knn_gallery.png")
@@ -122,7 +124,7 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
         "seconds": {"features": t_feat, "search": t_search, "total": time.perf_counter() - t0},
         "gallery": str(gallery) if gallery else None, "device": str(dev), "warnings": warnings,
     }
-    (out / "knn.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(report, out / "knn.json")
     with RunLog(out, monitors, name=f"knn {out.name}", config=report["hyperparameters"]) as run_log:
         for k, acc in classification.items():
             run_log.scalars(acc, 0, prefix=f"knn/k{k}_")

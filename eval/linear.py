@@ -16,7 +16,6 @@ group (Slurm, torchrun's agent, `timeout`), so that the main process can save, a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from moco_transfer.augment import eval_transform, linear_train_transform
 from moco_transfer.checkpoint import CheckpointError, atomic_save
 from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
+from moco_transfer.fileio import write_json_atomic
 from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
 from moco_transfer.run_log import MonitorOptions, RunLog
@@ -549,7 +549,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
     }
     if du.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "linear.json").write_text(json.dumps(report, indent=2))
+        write_json_atomic(report, out / "linear.json")  # a diverged loss: null, with `warnings` saying why
         if cfg.mode == "lbfgs":
             save_curve([s["C"] for s in result["search"]], {"held-out top-1": [s["holdout_top1"]
                        for s in result["search"]]}, out / "linear_curve.png", "C (inverse L2 strength)",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -50,11 +51,21 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """JSON through atomic_open: a crash never leaves half a result file. NaN is refused (not valid JSON)."""
+def write_json_atomic(obj: Any, path: str | os.PathLike, default: Callable[[Any], Any] | None = None) -> None:
+    """The one writer of result files: through atomic_open, so a crash never leaves half a file; a non-finite
+    number (a diverged loss, the mAP of no scored query) as null, since strict JSON readers reject NaN (the
+    record's writer sets the field that says why). `default` as json.dump's."""
     with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
+        json.dump(_finite(obj), f, indent=2, allow_nan=False, default=default)
         f.write("\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    return [_finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

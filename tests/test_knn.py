@@ -145,6 +145,21 @@ def test_moco_eval_knn_end_to_end(tmp_path: Path, tiny: tuple[Path, Path]) -> No
     assert report2["knn"] == report["knn"]
 
 
+def test_no_scored_query_writes_map_null_with_the_reason(tmp_path: Path, tiny: tuple[Path, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """mAP is NaN when no query has a same-class gallery image: knn.json holds null, strict JSON, and says why."""
+    from moco_transfer.eval import knn as knn_module
+
+    monkeypatch.setattr(knn_module, "mean_average_precision", lambda *a, **k: (float("nan"), 0))
+    ckpt, data = tiny
+    result = CliRunner().invoke(main, ["eval", "knn", str(ckpt), "--data", str(data), "-o", str(tmp_path), "--k", "3",
+                                       "--no-cache", "-j", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "knn.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert report["retrieval"]["mAP"] is None and report["retrieval"]["queries_scored"] == 0
+    assert any("mAP" in w and "queries_scored 0" in w for w in report["warnings"])
+
+
 def test_moco_eval_knn_bad_inputs(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
     run = lambda *a: CliRunner().invoke(main, ["eval", "knn", "-o", str(tmp_path / "o"), "--no-cache", *a])  # noqa: E731

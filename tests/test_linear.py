@@ -211,6 +211,16 @@ def test_moco_eval_linear_cached_and_lbfgs(tmp_path: Path, tiny: tuple[Path, Pat
     assert lbfgs["final"]["top1"] > 90 and lbfgs["C"] in lbfgs["hyperparameters"]["lbfgs_grid"]
 
 
+def test_a_diverged_loss_is_null_in_linear_json_with_its_warning(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    ckpt, data = tiny
+    r = CliRunner().invoke(main, ["eval", "linear", str(ckpt), "--data", str(data), "--no-cache", "-j", "0",
+                                  "-o", str(tmp_path), "--cached", "--epochs", "3", "-b", "18", "--lr", "1e38"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "linear.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert None in [h["train_loss"] for h in report["history"]]
+    assert "smaller --lr" in report["warnings"][0]
+
+
 def test_moco_eval_linear_bad_inputs(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
     ckpt, data = tiny
     run = lambda *a: CliRunner().invoke(main, ["eval", "linear", "-o", str(tmp_path / "o"), "--no-cache", *a])  # noqa: E731
