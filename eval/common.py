@@ -14,12 +14,6 @@ from moco_transfer.features import extract_features, feature_loader
 from moco_transfer.pretrained import PretrainedBackbone
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @dataclass
 class FeatureSplits:
     train_features: torch.Tensor

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from moco_transfer.augment import eval_transform
 from moco_transfer.data import make_datasets
+from moco_transfer.distributed import pick_device
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.fileio import write_json_atomic
 from moco_transfer.knn import knn_classification, mean_average_precision, recall_at_k, search_neighbours
 from moco_transfer.pretrained import load_pretrained_backbone
 from moco_transfer.run_log import MonitorOptions, RunLog
 
-from .common import backbone_features, pick_device
+from .common import backbone_features
 from .plots import save_gallery
 
 
@@ -80,7 +81,7 @@ def run_knn(checkpoint: str | os.PathLike, output: str | os.PathLike, data: str 
     if cfg.temperature <= 0:
         raise ValueError(f"--temperature {cfg.temperature}: expected > 0")
     t0 = time.perf_counter()
-    dev = pick_device(device)
+    dev = pick_device(device)  # as linear's: this rank's GPU under torchrun
     pb = load_pretrained_backbone(checkpoint, dev)
     transform = eval_transform(pb.image_size)
     pair = make_datasets(data or pb.embedded_data, transform, transform, pb.image_size)

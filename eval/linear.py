@@ -35,9 +35,11 @@ from moco_transfer.checkpoint import CheckpointError, atomic_save
 from moco_transfer.data import collate_with_skips, make_datasets
 from moco_transfer.feature_cache import FeatureCache
 from moco_transfer.fileio import write_json_atomic
+from moco_transfer.knn import topk_correct
 from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pretrained_backbone
 from moco_transfer.progress import progress
 from moco_transfer.run_log import MonitorOptions, RunLog
+from moco_transfer.schedule import lr_at_epoch
 from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 from moco_transfer.signals import StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
 
@@ -104,11 +106,6 @@ def default_milestones(epochs: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(epochs * f)) for f in (0.6, 0.8)}))
 
 
-def lr_at_epoch(base: float, epoch: int, milestones: Iterable[int]) -> float:
-    """Step schedule of the official script: x0.1 for every milestone reached (epochs counted from 0)."""
-    return base * 0.1 ** sum(epoch >= m for m in milestones)
-
-
 def fresh_fc(in_features: int, num_classes: int) -> nn.Linear:
     """The protocol's classifier: weights N(0, 0.01), bias 0."""
     fc = nn.Linear(in_features, num_classes)
@@ -129,19 +126,13 @@ def assert_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> No
                            "the backbone must stay frozen and in eval mode")
 
 
-def count_topk(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == labels.view(-1, 1)
-    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
-
-
 @torch.no_grad()
 def evaluate(fc: nn.Module, batches: Batches, device: torch.device) -> dict[str, float]:
     """Top-1/top-5 percent over all ranks' shards of the validation set."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for feats, labels in batches:
         labels = labels.to(device)
-        c1, c5 = count_topk(fc(feats.to(device)), labels)
+        c1, c5 = topk_correct(fc(feats.to(device)), labels).values()
         counts += torch.tensor([c1, c5, labels.numel()], dtype=torch.float64, device=device)
     if du.is_distributed():
         torch.distributed.all_reduce(counts)
@@ -306,19 +297,6 @@ class TensorSource(FeatureSource):
         return math.ceil(math.ceil(self.num_train / self.world) / self.per_rank)
 
 
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when true on any: all ranks must stop at the same step, or DDP's next all-reduce hangs.
-
-    One 4-byte all-reduce per step; a step already all-reduces the fc's gradients (and, faithful, runs the
-    backbone on a batch), so this costs little next to it.
-    """
-    if not du.is_distributed():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: LinearConfig, device: torch.device,
               state_path: Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
               after_first_epoch: Callable[[], None] | None = None, show_batches: bool = True,
@@ -365,7 +343,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
     # A resumed run continues its curves: what the stopped run logged after its state was saved is hidden.
     run_log = open_log(start_epoch + 1 if resume and (history or mid) else 0) if open_log else None
     for epoch in epochs_bar:
-        lr = lr_at_epoch(lr0, epoch, milestones)
+        lr = lr_at_epoch(lr0, epoch, cfg.epochs, False, milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
         fc.train()
@@ -390,7 +368,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}",
                             img_s=f"{seen * du.world_size() / (before + time.perf_counter() - t0):.0f}")
-            if stop is not None and step < steps and _agree(stop.requested, device):
+            if stop is not None and step < steps and du.agree([stop.requested], device)[0]:
                 bar.close()
                 sums = du.concat_all_gather(torch.tensor([[loss_sum, seen]], dtype=torch.float64, device=device))
                 save(epoch, {"mid_epoch": {"epoch": epoch, "step": step, "loss_sums": sums[:, 0].tolist(),
@@ -413,7 +391,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.3g}", top1=f"{acc['top1']:.2f}",
                                best=f"{max(h['top1'] for h in history):.2f}")
         save(epoch + 1)
-        if stop is not None and epoch + 1 < cfg.epochs and _agree(stop.requested, device):
+        if stop is not None and epoch + 1 < cfg.epochs and du.agree([stop.requested], device)[0]:
             raise StoppedBySignal(f"linear: stopped by {stop.signal_name} after epoch {epoch + 1}; wrote "
                                   f"{state_path}. Continue with --resume.")
     if run_log is not None:
@@ -450,7 +428,7 @@ def train_lbfgs(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tenso
     clf = LogisticRegression(C=best_c, max_iter=cfg.lbfgs_max_iter).fit(scaler.transform(x), y)
     proba = np.zeros((len(xv), num_classes))
     proba[:, clf.classes_] = clf.predict_proba(scaler.transform(xv))
-    c1, c5 = count_topk(torch.from_numpy(proba), torch.from_numpy(yv))
+    c1, c5 = topk_correct(torch.from_numpy(proba), torch.from_numpy(yv)).values()
     acc = {"top1": 100.0 * c1 / len(yv), "top5": 100.0 * c5 / len(yv)}
     return {"C": best_c, "search": search, "final": acc, "best": acc}
 
@@ -485,9 +463,7 @@ def run_linear(checkpoint: str | os.PathLike, output: str | os.PathLike, data: s
         raise ValueError(f"--lr {cfg.lr}: expected a positive number")
     monitors = monitors or MonitorOptions()
     monitors.check()
-    dev = du.init_from_env()
-    if device is not None:
-        dev = torch.device(device)
+    dev = du.pick_device(device)
     out = Path(output)
     pb: PretrainedBackbone = load_pretrained_backbone(checkpoint, dev)
     cfg, settings = resolve_settings(cfg, pb.preset_linear)

@@ -43,6 +43,12 @@ def init_from_env() -> torch.device:
     return torch.device("cpu")
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The evaluators' device: `name` when given, else this rank's under torchrun (init_from_env joins its group)."""
+    device = init_from_env()
+    return torch.device(name) if name else device
+
+
 def _elastic_store() -> dist.Store | None:
     """The torchrun agent's shared store, seen through a prefix of this restart attempt; None outside torchrun.
 
@@ -78,6 +84,18 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / world_size()
+
+
+def agree(flags: list[bool], device: torch.device | None = None) -> list[bool]:
+    """Each flag true on any rank becomes true on all, so all ranks stop (or save) at the same step: one going on
+    alone would hang in the next collective. One tiny all-reduce; `device` defaults to the backend's."""
+    if not is_distributed():
+        return flags
+    if device is None:  # nccl reduces on the current GPU
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier() -> None:

@@ -52,9 +52,8 @@ def _umask() -> int:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike, default: Callable[[Any], Any] | None = None) -> None:
-    """The one writer of result files: through atomic_open, so a crash never leaves half a file; a non-finite
-    number (a diverged loss, the mAP of no scored query) as null, since strict JSON readers reject NaN (the
-    record's writer sets the field that says why). `default` as json.dump's."""
+    """The one writer of result files: atomic (a crash never leaves half a file), and a non-finite number (a diverged
+    loss, the mAP of no scored query) as null, which strict readers accept; the record says why in another field."""
     with atomic_open(path, "w") as f:
         json.dump(_finite(obj), f, indent=2, allow_nan=False, default=default)
         f.write("\n")

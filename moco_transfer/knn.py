@@ -39,11 +39,17 @@ def knn_vote(similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_cla
     return scores.scatter_add_(1, neighbour_labels, weights)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """Percent of rows whose label is among the k highest scores."""
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Rows whose label is among the k highest scores, per k: counts, which add up over batches and ranks."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hit = top == labels.view(-1, 1)
-    return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """topk_correct in percent of the rows (NaN for none)."""
+    rows = len(labels) or float("nan")
+    return {k: 100.0 * n / rows for k, n in topk_correct(scores, labels, ks).items()}
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moco_transfer import distributed as du
 from moco_transfer.checkpoint import CheckpointError, find_latest, load_checkpoint
+from moco_transfer.distributed import agree  # noqa: F401 - re-exported (engine.py imports it from here)
 from moco_transfer.signals import EXIT_STOPPED, STOP_SIGNALS, StoppedBySignal, StopRequest  # noqa: F401 - re-exported
 
 MID_EPOCH_NAME = "checkpoint_mid_epoch.pth.tar"
@@ -37,15 +38,6 @@ class EpochPosition:
     acc_sum: float
     probe_correct: float = 0.0
     probe_seen: float = 0.0
-
-
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on any rank is true on all (one small all-reduce); the flags as they are in one process."""
-    if not du.is_distributed():
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 def rank_states(at: EpochPosition, pipeline_state: torch.Tensor | None, device: torch.device

@@ -24,12 +24,12 @@ from moco_transfer.eval.linear import (
     base_lr,
     default_milestones,
     fresh_fc,
-    lr_at_epoch,
     snapshot,
     train_lbfgs,
     train_sgd,
 )
 from moco_transfer.pretrained import load_pretrained_backbone
+from moco_transfer.schedule import lr_at_epoch
 
 from .eval_helpers import make_checkpoint, make_image_folder
 
@@ -39,7 +39,7 @@ CPU = torch.device("cpu")
 def test_schedule_and_lr_scaling() -> None:
     assert default_milestones(100) == (60, 80)
     assert default_milestones(10) == (6, 8)
-    assert [lr_at_epoch(30.0, e, (60, 80)) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx(
+    assert [lr_at_epoch(30.0, e, 100, False, (60, 80)) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx(
         [30, 30, 3, 3, 0.3, 0.3])
     assert base_lr(256) == 30.0 and base_lr(512) == 60.0 and base_lr(64) == 7.5
     assert base_lr(512, lr=10.0) == 10.0

@@ -142,16 +142,15 @@ def test_cli_exits_75_with_the_message(tmp_path, monkeypatch):
 def _agree_rank(rank: int, url: str, out: str) -> None:
     import torch.distributed as dist
 
-    from moco_transfer.eval.detection.train import agree_to_stop
+    from moco_transfer.distributed import agree  # what the trial's StopHook asks, with the backend's device
 
     dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2)
-    votes = [agree_to_stop(rank == 1), agree_to_stop(False), agree_to_stop(True)]
+    votes = [agree([rank == 1])[0], agree([False])[0], agree([True])[0]]
     Path(out, f"rank{rank}.json").write_text(json.dumps(votes))
     dist.destroy_process_group()
 
 
 def test_ranks_agree_on_a_stop_only_one_of_them_received(tmp_path):
-    pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
     import torch.multiprocessing as mp
 
     from moco_transfer.eval.detection.schedule import PortBook

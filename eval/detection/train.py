@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from moco_transfer.detectron2_ext import register
+from moco_transfer.distributed import agree
 from moco_transfer.fileio import write_json_atomic
 from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
 
@@ -71,19 +72,6 @@ def stop_request() -> Iterator[StopRequest]:
             yield stop
         finally:
             _ACTIVE_STOP = None
-
-
-def agree_to_stop(requested: bool) -> bool:
-    """True on every rank when any rank received a signal (one 4-byte all-reduce; no-op in one process)."""
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
-    if comm.get_world_size() == 1:
-        return requested
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([float(requested)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def timing_window(start_iter: int, max_iter: int, warmup: int = WARMUP_ITERS, timed: int = TIMED_ITERS
@@ -210,7 +198,7 @@ def trainer_class(stop: StopRequest | None = None, benchmark: Benchmark = VOC) -
 
         def after_step(self) -> None:
             it = self.trainer.iter
-            if it + 1 >= self.trainer.max_iter or not agree_to_stop(self.stop.requested):
+            if it + 1 >= self.trainer.max_iter or not agree([self.stop.requested])[0]:
                 return
             name = f"model_{it:07d}"
             self.trainer.checkpointer.save(name, iteration=it)  # rank 0 writes; last_checkpoint names it
