@@ -258,6 +258,60 @@ def test_scale_rule_for_fewer_gpus():
     assert str(scale_to_gpus(**base, num_gpus=1)[1]) == "SOLVER.BASE_LR: 0.02 -> 0.01"
 
 
+def test_scale_rule_scales_warmup_and_the_periods_as_detectron2_rounds():
+    """Twice the iterations of half the images: warm-up, evaluation and checkpoint periods cover as many images."""
+    base = dict(ims_per_batch=16, base_lr=0.02, steps=(18000, 22000), max_iter=24000, num_gpus=1)
+    changes = {c.key: (c.old, c.new) for c in scale_to_gpus(**base, warmup_iters=100, eval_period=1000,
+                                                             checkpoint_period=5000)}
+    assert changes["SOLVER.WARMUP_ITERS"] == (100, 200)  # 100 x 16 images = 200 x 8
+    assert changes["TEST.EVAL_PERIOD"] == (1000, 2000) and changes["SOLVER.CHECKPOINT_PERIOD"] == (5000, 10000)
+    assert len(changes) == 7
+    off = {c.key for c in scale_to_gpus(**base, warmup_iters=100, eval_period=0, checkpoint_period=5000)}
+    assert "TEST.EVAL_PERIOD" not in off  # 0 (no evaluation during training) stays 0: not a change
+    # 5 images -> 2: x2.5 iterations, rounded half to even as detectron2's round(): 1 -> 2 (2.5), 3 -> 8 (7.5)
+    odd = {c.key: c.new for c in scale_to_gpus(5, 0.02, (4,), 10, 1, warmup_iters=3, eval_period=1,
+                                               checkpoint_period=2)}
+    assert odd == {"SOLVER.IMS_PER_BATCH": 2, "SOLVER.BASE_LR": pytest.approx(0.008), "SOLVER.STEPS": (10,),
+                   "SOLVER.MAX_ITER": 25, "SOLVER.WARMUP_ITERS": 8, "TEST.EVAL_PERIOD": 2,
+                   "SOLVER.CHECKPOINT_PERIOD": 5}
+
+
+def test_scale_to_gpus_prints_every_change_in_one_message(tmp_path):
+    pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
+    from moco_transfer.eval.detection.prepare import build_config
+    from moco_transfer.eval.detection.runner import DetectionOptions
+
+    lines: list[str] = []
+    cfg = build_config(DetectionOptions(checkpoint=tmp_path / "c.pth", data_root=tmp_path, gpus=1, scale_to_gpus=True),
+                       echo=lines.append)
+    assert lines == ["--scale-to-gpus (1 GPU(s) per trial): SOLVER.IMS_PER_BATCH: 16 -> 8; SOLVER.BASE_LR: 0.02 -> "
+                     "0.01; SOLVER.STEPS: (18000, 22000) -> (36000, 44000); SOLVER.MAX_ITER: 24000 -> 48000; "
+                     "SOLVER.WARMUP_ITERS: 100 -> 200; SOLVER.CHECKPOINT_PERIOD: 5000 -> 10000"]  # EVAL_PERIOD 0: off
+    assert (cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD) == (200, 10000, 0)
+
+
+@pytest.mark.parametrize("ims, gpus", [(16, 1), (16, 2), (5, 1), (10, 2)])
+def test_scale_rule_matches_detectron2_auto_scale_workers(ims, gpus):
+    """An independent reference: detectron2's own rule, asked to go from `ims` to the rule's images per batch."""
+    pytest.importorskip("detectron2", reason="detectron2 not installed (build it from source as docs/voc.md says)")
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultTrainer
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", ims, "SOLVER.BASE_LR", 0.02, "SOLVER.STEPS", (1801, 2203),
+                         "SOLVER.MAX_ITER", 2417, "SOLVER.WARMUP_ITERS", 101, "TEST.EVAL_PERIOD", 333,
+                         "SOLVER.CHECKPOINT_PERIOD", 499, "SOLVER.REFERENCE_WORLD_SIZE", ims])
+    changes = scale_to_gpus(ims, 0.02, (1801, 2203), 2417, gpus, warmup_iters=101, eval_period=333,
+                            checkpoint_period=499)
+    new_ims = next(c.new for c in changes if c.key == "SOLVER.IMS_PER_BATCH")
+    ref = DefaultTrainer.auto_scale_workers(cfg, new_ims)  # "workers" = images: one image per worker
+    for c in changes:
+        section, key = c.key.split(".")
+        assert getattr(getattr(ref, section), key) == pytest.approx(c.new), c.key
+    assert {c.key for c in changes} == {f"{sec}.{k}" for sec in ("SOLVER", "TEST") for k, v in getattr(ref, sec).items()
+                                        if k != "REFERENCE_WORLD_SIZE" and v != getattr(cfg, sec)[k]}
+
+
 def test_missing_detectron2_is_a_clear_error_before_anything(monkeypatch, tmp_path):
     """Where detectron2 cannot be imported, `moco eval voc` says how to install it and touches nothing."""
     import sys

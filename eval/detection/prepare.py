@@ -60,8 +60,9 @@ def build_config(options: Any, echo: Callable[[str], None] = print) -> Any:
         raise SetupError(f"--config {path}: not a valid detectron2 config ({type(exc).__name__}: {exc})") from exc
     per_trial = options.gpus_per_trial
     if options.scale_to_gpus:
-        changes = scale_to_gpus(cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, tuple(cfg.SOLVER.STEPS),
-                                cfg.SOLVER.MAX_ITER, per_trial, options.max_ims_per_gpu)
+        s = cfg.SOLVER
+        changes = scale_to_gpus(s.IMS_PER_BATCH, s.BASE_LR, tuple(s.STEPS), s.MAX_ITER, per_trial,
+                                options.max_ims_per_gpu, s.WARMUP_ITERS, cfg.TEST.EVAL_PERIOD, s.CHECKPOINT_PERIOD)
         _apply_changes(cfg, changes)
         devices = f"{per_trial} GPU(s) per trial" if per_trial else "CPU"
         echo(f"--scale-to-gpus ({devices}): " + ("; ".join(map(str, changes)) if changes else "no change needed"))
