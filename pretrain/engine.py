@@ -28,9 +28,11 @@ from moco_transfer.checkpoint import (
     with_module_prefix,
     without_module_prefix,
 )
+from moco_transfer.distributed import agree
 from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_atomic
 from moco_transfer.progress import progress, write
 from moco_transfer.run_log import TENSORBOARD_DIR, WANDB_ID_FILE, MonitorOptions, RunLog
+from moco_transfer.schedule import lr_at_epoch
 from moco_transfer.signals import shut_down_workers
 
 from .config import ConfigError, PretrainConfig, resolve_amp, save_resolved
@@ -45,12 +47,10 @@ from .preemption import (
     EpochPosition,
     StoppedBySignal,
     StopRequest,
-    agree,
     newest_checkpoint,
     rank_states,
     restore_random_states,
 )
-from .schedule import lr_at_epoch
 
 CURVES_NAME = "curves.png"
 SUMMARY_NAME = "pretrain.json"
@@ -537,6 +537,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
     return summary
 
 
+RUNNING_SUMS = ("loss_sum", "acc_sum", "probe_correct", "probe_seen")  # EpochPosition's, in its order
+
+
 def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | None, dict[str, Any] | None]:
     """Where a mid-epoch checkpoint stood, and this rank's random states; (None, None) for epoch checkpoints."""
     mid = ckpt.get("mid_epoch")
@@ -548,7 +551,7 @@ def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | 
     log(f"resumed from {path} in epoch {epoch + 1}, after its batch {step}")
     if len(states) == du.world_size():
         mine = states[du.rank()]
-        return EpochPosition(epoch, step, float(mine["loss_sum"]), float(mine["acc_sum"])), mine
+        return EpochPosition(epoch, step, *(float(mine.get(k, 0.0)) for k in RUNNING_SUMS)), mine
     # Another world size. The seeded order makes the first `step` global batches the same images at any world
     # size (EpochSampler: rank r takes every world-th index of one permutation), so the place is kept: the
     # weights have seen those batches. Each rank's running sums become the old ranks' mean (the epoch's
@@ -556,8 +559,8 @@ def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | 
     # not map onto the new ones: the key shuffle of the remaining batches differs from an unstopped run.
     log(f"{path}: written by {len(states)} process(es), this run has {du.world_size()}: the epoch continues "
         f"after batch {step} with freshly seeded key shuffles")
-    mean = {k: sum(float(s[k]) for s in states) / len(states) for k in ("loss_sum", "acc_sum")}
-    return EpochPosition(epoch, step, mean["loss_sum"], mean["acc_sum"]), {"pipeline": None}
+    mean = [sum(float(s.get(k, 0.0)) for s in states) / len(states) for k in RUNNING_SUMS]
+    return EpochPosition(epoch, step, *mean), {"pipeline": None}
 
 
 def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device,

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from moco_transfer import distributed as du
 from moco_transfer.checkpoint import CheckpointError, find_latest, load_checkpoint
-from moco_transfer.distributed import agree  # noqa: F401 - re-exported (engine.py imports it from here)
 from moco_transfer.signals import EXIT_STOPPED, STOP_SIGNALS, StoppedBySignal, StopRequest  # noqa: F401 - re-exported
 
 MID_EPOCH_NAME = "checkpoint_mid_epoch.pth.tar"

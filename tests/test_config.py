@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from moco_transfer.pretrain.config import PRESETS, ConfigError, PretrainConfig, resolve_config, save_resolved
-from moco_transfer.pretrain.schedule import lr_at_epoch
+from moco_transfer.schedule import lr_at_epoch
 
 
 def test_mocov2_preset_is_the_official_recipe():
@@ -119,3 +121,21 @@ def test_missing_or_broken_config_file(tmp_path):
 def test_config_is_plain_data():
     d = PretrainConfig().to_dict()
     assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in d.values())
+
+
+def test_amp_auto_takes_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from moco_transfer.pretrain.config import bf16_in_hardware, resolve_amp
+
+    cpu = torch.device("cpu")
+    flags = set()
+    if Path("/proc/cpuinfo").is_file():  # the kernel's own list, independent of torch's probes
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+        assert bf16_in_hardware(cpu)[0] == bool(flags & {"amx_tile", "avx512_bf16"})
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert resolve_amp("auto", cpu) == ("none", "the CPU has neither AMX nor AVX512-BF16 (bfloat16 would be "
+                                                "emulated, slower than fp32)")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_amp("auto", cpu) == ("bf16", "the CPU has AMX")
+    assert resolve_amp("bf16", cpu) == ("bf16", "") and resolve_amp("none", cpu) == ("none", "")

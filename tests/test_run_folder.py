@@ -3,6 +3,7 @@ mid-epoch, share its files with a team. Nothing of the first run may be lost or 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 import subprocess
@@ -52,7 +53,10 @@ def test_a_second_pretrain_into_a_folder_with_a_run_is_refused_and_the_run_kept(
     assert forced.returncode == 0, forced.stderr[-2000:]
     aside = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("replaced-")]
     assert len(aside) == 1
-    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == before  # the first run, whole
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir() if p.is_file()} == before  # the first run, whole
+    if importlib.util.find_spec("tensorboard") is not None:  # and its TensorBoard curves, apart from the new run's
+        assert list((aside[0] / "tensorboard").glob("events.out.tfevents.*"))
+        assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert load_checkpoint(tmp_path / "checkpoint_0000.pth.tar")["config"]["seed"] == 1
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 1
 
