@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ class RunLog:
 
         id_file = self.folder / WANDB_ID_FILE
         run_id = None if fresh or not id_file.is_file() else id_file.read_text().strip() or None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or secrets.token_hex(4)  # W&B ids: short, lowercase alphanumeric
         self.folder.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "moco-transfer"), name=name, id=run_id,

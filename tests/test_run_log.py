@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_transfer.run_log import TENSORBOARD_DIR, MonitorOptions, MonitorSetupError, RunLog
+from moco_transfer.run_log import TENSORBOARD_DIR, WANDB_ID_FILE, MonitorOptions, RunLog
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -60,14 +60,33 @@ def test_off_and_other_ranks_write_nothing(tmp_path):
     assert not (tmp_path / "off").exists() and not (tmp_path / "rank1").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_wandb_without_the_package_is_an_error_naming_it(tmp_path):
-    with pytest.raises(MonitorSetupError, match=r"--wandb offline: the package `wandb` is not installed"):
-        RunLog(tmp_path, MonitorOptions(wandb="offline"), name="x")
-    run = subprocess.run([sys.executable, "-m", "moco_transfer.cli", "pretrain", "--epochs", "1", "-o",
-                          str(tmp_path / "run"), "--wandb"], capture_output=True, text=True)
+    # sys.modules[name] = None is Python's own way to make a package unimportable (find_spec returns None).
+    code = ("import sys; sys.modules['wandb'] = None; from moco_transfer.cli import main; "
+            "main(['pretrain', '--epochs', '1', '-o', sys.argv[1], '--wandb'])")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
     assert run.returncode == 2 and "--wandb online: the package `wandb` is not installed" in run.stderr
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_offline_logs_the_figures_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    options = MonitorOptions(tensorboard=False, wandb="offline")
+    with RunLog(tmp_path, options, name="first", config={"moco_k": 32}) as log:
+        log.scalars({"loss": 0.25, "diverged": float("nan")}, 1, prefix="train/")
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    with RunLog(tmp_path, options, name="resumed", first_step=2) as log:
+        log.scalars({"loss": 0.125}, 2, prefix="train/")
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == run_id
+    runs = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert [p.name for p in runs] == [f"run-{run_id}.wandb"] * 2  # one W&B run, two processes
+    # W&B's record files are protobuf: the keys and JSON values are there as text (`wandb sync` uploads them).
+    records = b"".join(p.read_bytes() for p in runs)
+    assert b"train/loss" in records and b"0.25" in records and b"0.125" in records
+    with RunLog(tmp_path, options, name="fresh") as log:  # a fresh start is another run
+        log.scalars({"loss": 1.0}, 0)
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() != run_id
 
 
 def test_pretraining_writes_every_logged_figure_and_its_config(tiny_folder, tmp_path):
