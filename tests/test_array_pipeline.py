@@ -166,6 +166,8 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_uninterrupted_losses(cifar, tm
 
     def cross_entropy(*args, **kwargs):
         nonlocal steps
+        if "reduction" in kwargs:  # the online probe's per-sample loss, not a MoCo step
+            return real(*args, **kwargs)
         steps += 1
         if steps == 6:  # epoch 2, step 2: the handler flags the stop, the step finishes, the epoch ends there
             os.kill(os.getpid(), signal.SIGTERM)
