@@ -1,6 +1,11 @@
-"""Data pipeline vs training step, measured side by side in one run on a synthetic ImageNet-like JPEG folder.
+"""Data pipeline vs training step, measured side by side in one run on an ImageNet-like JPEG folder.
 
+The JPEGs are photo-like by default: crops of scikit-learn's two sample photographs, rescaled to --jpeg-size
+and saved at quality 90 (synthetic colour waves decode faster than photographs; `--jpeg-source synthetic`).
 Prints, for the same data, model and batch:
+  (o) the official MoCo loader (ImageFolder + two draws of torchvision's aug+) against this project's CPU
+      loader (the same draws, its slow ops swapped: pretrain/cpu_views.py), in the main process on one thread
+      and with one worker per core; images/s and the ratio, each the best of alternating passes;
   (a) the CPU loader (workers decode and augment with PIL) alone, images/s with N workers;
   (b) the device pipeline alone (workers read bytes; decode_jpeg and both views on the device), with
       decode and augmentation timed apart;
@@ -14,11 +19,13 @@ alone >= 2x the model-only step. `--json PATH` also writes every figure there (b
     python benchmarks/bench_pipeline.py                    # resnet50, 224 px, batch 256, bf16 + channels_last on CUDA
     python benchmarks/bench_pipeline.py --quick            # tiny, on CPU: a smoke test (resnet18, 32 px, few steps)
     python benchmarks/bench_pipeline.py --workers 16 --keep-data /tmp/jpegs --json figures.json
+    python benchmarks/bench_pipeline.py --only-loaders --device cpu   # (o) alone: the CPU loaders side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import shutil
@@ -36,6 +43,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from moco_transfer.augment import TwoCrops, moco_v2_augmentation
 from moco_transfer.fileio import write_json_atomic
 from moco_transfer.pretrain.config import PretrainConfig, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
@@ -43,12 +51,37 @@ from moco_transfer.pretrain.engine import build_model, build_optimizer, compile_
 from moco_transfer.pretrain.gpu_pipeline import DevicePipeline, resolve_pipeline, training_dtype
 
 
-def _write_images(args: tuple[Path, int, int, int, int, int]) -> int:
-    """Smooth colour waves plus sensor-like noise: compresses like a photo (tens of KB), unlike pure noise."""
-    root, start, stop, classes, width, height = args
+@functools.cache
+def _photographs() -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images
+
+
+def _photo(i: int, width: int, height: int) -> Image.Image:
+    """A random crop (half to all of the height, the target's aspect) of a real photograph, maybe mirrored."""
+    photos = _photographs()
+    rng = np.random.default_rng(i)
+    source = photos[i % len(photos)]
+    h = int(source.shape[0] * rng.uniform(0.5, 1.0))
+    w = min(int(h * width / height), source.shape[1])
+    top, left = rng.integers(0, source.shape[0] - h + 1), rng.integers(0, source.shape[1] - w + 1)
+    image = Image.fromarray(source[top:top + h, left:left + w]).resize((width, height), Image.BICUBIC)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def _write_images(args: tuple[Path, int, int, int, int, int, str]) -> int:
+    """Photo crops, or smooth colour waves plus sensor-like noise (tens of KB, unlike pure noise)."""
+    root, start, stop, classes, width, height, source = args
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     total = 0
     for i in range(start, stop):
+        if source == "photos":
+            out = io.BytesIO()
+            _photo(i, width, height).save(out, "JPEG", quality=90)
+            (root / f"class_{i % classes:02d}" / f"img_{i:06d}.jpg").write_bytes(out.getvalue())
+            total += out.tell()
+            continue
         rng = np.random.default_rng(i)
         image = np.empty((height, width, 3), np.float32)
         for c in range(3):
@@ -65,11 +98,12 @@ def _write_images(args: tuple[Path, int, int, int, int, int]) -> int:
     return total
 
 
-def write_jpeg_folder(root: Path, images: int, size: tuple[int, int], classes: int, workers: int) -> float:
+def write_jpeg_folder(root: Path, images: int, size: tuple[int, int], classes: int, workers: int,
+                      source: str = "photos") -> float:
     """`images` JPEGs of `size` (width, height) in `classes` folders; returns the mean file size in KB."""
     for c in range(classes):
         (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
-    chunks = [(root, s, min(s + 64, images), classes, *size) for s in range(0, images, 64)]
+    chunks = [(root, s, min(s + 64, images), classes, *size, source) for s in range(0, images, 64)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             total = sum(pool.map(_write_images, chunks))
@@ -133,6 +167,55 @@ def loader_rate(loader: Iterable, device: torch.device, batch: int, skip: int) -
         pass
     sync(device)
     return timed.rate(batch, time.perf_counter(), consumed=False)
+
+
+def official_loader(folder: Path, size: int, batch: int, workers: int) -> torch.utils.data.DataLoader:
+    """The MoCo repository's data path (main_moco.py): ImageFolder, two draws of torchvision's aug+, shuffled."""
+    dataset = torchvision.datasets.ImageFolder(str(folder), TwoCrops(moco_v2_augmentation(size)))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                       drop_last=True)
+
+
+def loader_pass(loader: Iterable, batches: int, skip: int) -> float:
+    """images/s over `batches` batches after `skip` (worker start-up, the first batches made in parallel)."""
+    batches_in = iter(loader)
+    for _ in range(skip):
+        next(batches_in)
+    started, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += next(batches_in)[0][0].shape[0]
+    rate = images / (time.perf_counter() - started)
+    del batches_in  # stops the workers
+    return rate
+
+
+def compare_loaders(cfg: PretrainConfig, folder: Path, workers: int, batch: int, batches: int, rounds: int
+                    ) -> dict[str, float]:
+    """(o): the official loader and ours on the same JPEGs, alternating, best pass of each; one thread in the
+    main process, then one worker per core."""
+    figures: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    for label, n in (("one_thread", 0), ("all_cores", workers)):
+        ours_cfg = PretrainConfig(**{**cfg.to_dict(), "batch_size": batch, "workers": n})
+        ours = build_pretrain_loader(ours_cfg, build_pretrain_dataset(ours_cfg), torch.device("cpu"))
+        seed_epoch(ours, 0, 0)
+        official = official_loader(folder, cfg.image_size, batch, n)
+        skip = 1 if n == 0 else n
+        best = {"official": 0.0, "ours": 0.0}
+        torch.set_num_threads(1 if n == 0 else threads)
+        try:
+            for _ in range(rounds):
+                best["official"] = max(best["official"], loader_pass(official, batches, skip))
+                best["ours"] = max(best["ours"], loader_pass(ours, batches, skip))
+        finally:
+            torch.set_num_threads(threads)
+        ratio = best["ours"] / best["official"]
+        where = "main process, one thread" if n == 0 else f"{n} workers"
+        row(f"(o) official MoCo loader (ImageFolder + torchvision aug+), {where}", best["official"])
+        row(f"    this project's CPU loader, {where}", best["ours"], f"{ratio:.2f}x the official")
+        figures.update({f"o_official_{label}": best["official"], f"o_ours_{label}": best["ours"],
+                        f"o_ratio_{label}": ratio})
+    return figures
 
 
 def make_model(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
@@ -211,7 +294,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: all CPU cores)")
     parser.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
                         help="auto: bf16 + channels_last on CUDA, none on CPU")
-    parser.add_argument("--jpeg-size", default=None, help="WIDTHxHEIGHT of the synthetic JPEGs (500x375)")
+    parser.add_argument("--jpeg-size", default=None, help="WIDTHxHEIGHT of the JPEGs (500x375)")
+    parser.add_argument("--jpeg-source", choices=["photos", "synthetic"], default="photos",
+                        help="crops of scikit-learn's sample photographs (default) or synthetic colour waves")
+    parser.add_argument("--only-loaders", action="store_true", help="measure (o) alone: the CPU loaders")
     parser.add_argument("--keep-data", default=None, help="write (or reuse) the JPEG folder here and keep it")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure (e), torch.compile'd encoders (default: on CUDA without --quick)")
@@ -236,7 +322,8 @@ def main() -> None:
     figures: dict[str, Any] = {}
 
     folder = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    images = batch * (steps + skip)
+    o_batch = 8 if quick else 32
+    images = o_batch * (max(workers, 1) + 9) if args.only_loaders else batch * (steps + skip)
     try:
         existing = sorted(folder.glob("class_*/*.jpg"))
         if len(existing) >= images:
@@ -244,8 +331,9 @@ def main() -> None:
             images = len(existing) - len(existing) % batch
         else:
             start = time.perf_counter()
-            kb = write_jpeg_folder(folder, images, jpeg, classes=10, workers=max(workers, 1))
-            print(f"wrote {images} synthetic {jpeg[0]}x{jpeg[1]} JPEGs ({kb:.0f} KB each) in "
+            kb = write_jpeg_folder(folder, images, jpeg, classes=10, workers=max(workers, 1),
+                                   source=args.jpeg_source)
+            print(f"wrote {images} {args.jpeg_source} {jpeg[0]}x{jpeg[1]} JPEGs ({kb:.0f} KB each) in "
                   f"{time.perf_counter() - start:.1f} s")
         base = dict(data=str(folder), output=str(folder / "_out"), arch=arch, small_images=False,
                     image_size=size, batch_size=batch, moco_k=batch * (16 if quick else 256), workers=workers,
@@ -258,11 +346,17 @@ def main() -> None:
               f"{cores} CPU cores, {torch.get_num_threads()} threads")
         figures.update(torch=torch.__version__, torchvision=torchvision.__version__, device=name, cpu_cores=cores,
                        arch=arch, image_size=size, batch=batch, amp=amp, channels_last=base["channels_last"],
-                       workers=workers, jpeg=f"{jpeg[0]}x{jpeg[1]}", jpeg_kb=round(kb, 1))
+                       workers=workers, jpeg=f"{jpeg[0]}x{jpeg[1]}", jpeg_kb=round(kb, 1), jpeg_source=args.jpeg_source)
         print(f"{images} JPEGs of {jpeg[0]}x{jpeg[1]} ({kb:.0f} KB); {arch} {size}px, batch {batch}, amp {amp}"
               f"{', channels_last' if base['channels_last'] else ''}, K {base['moco_k']}; "
               f"first {skip} batch(es) of each pass untimed")
 
+        figures.update(compare_loaders(cpu_cfg, folder, workers, o_batch, batches=2 if quick else 8,
+                                       rounds=1 if quick else 3))
+        if args.only_loaders:
+            if args.json:
+                write_json_atomic(figures, args.json)
+            return
         cpu_loader = build_pretrain_loader(cpu_cfg, build_pretrain_dataset(cpu_cfg, device), device)
         seed_epoch(cpu_loader, 0, 0)
         a = loader_rate(cpu_loader, device, batch, skip)

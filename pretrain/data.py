@@ -28,6 +28,7 @@ from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
 from moco_transfer.signals import loader_worker_init
 
 from .config import PretrainConfig
+from .cpu_views import fast_views, hue_tables
 from .gpu_pipeline import (
     DeviceArrays,
     DevicePipeline,
@@ -63,7 +64,8 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
         augmentation = moco_v2_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip, blur=cfg.blur)
     else:  # v1 has no blur to switch off
         augmentation = moco_v1_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
-    views = TwoCrops(augmentation)
+    views = TwoCrops(fast_views(augmentation))  # the recipe's draws, its slow ops swapped, uint8 out (cpu_views.py)
+    hue_tables()  # here, before the loader forks its workers: they share the tables
     if named is not None:
         return SeededItems(ArrayImages(split, views))
     if embedded is not None:

@@ -38,12 +38,13 @@ def test_bench_pipeline_quick_prints_every_rate_and_ratio(bench, tmp_path, monke
     assert "\r" not in captured.err  # train_one_epoch's bars: plain lines when not on a terminal
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\(\w\)|    end-to-end)[^\n]*?([\d.]+) img/s", out,
                                                                  re.M)}
-    assert set(rates) == {"(a)", "(b)", "(c)", "(d)", "    end-to-end"}, out
+    assert set(rates) == {"(o)", "(a)", "(b)", "(c)", "(d)", "    end-to-end"}, out
     assert all(math.isfinite(r) and r > 0 for r in rates.values()), out
     ratios = [float(r) for r in re.findall(r"([\d.]+) of the model-only step", out)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), out
     figures = json.loads(out_json.read_text())
     assert figures["d_gpu_over_c"] == pytest.approx(ratios[1], abs=0.006)
     assert figures["b_over_c"] == pytest.approx(figures["b_device_pipeline"] / figures["c_model_only_step"])
+    assert figures["o_ratio_one_thread"] > 0 and figures["o_ratio_all_cores"] > 0
     assert "e_compile" not in figures  # (e) runs on CUDA only unless --compile
     assert list(tmp_path.glob("bench_pipeline_*")) == []  # the synthetic folder is removed afterwards
