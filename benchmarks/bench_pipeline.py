@@ -323,7 +323,7 @@ def main() -> None:
 
     folder = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     o_batch = 8 if quick else 32
-    images = o_batch * (max(workers, 1) + 9) if args.only_loaders else batch * (steps + skip)
+    images = o_batch * (max(workers, 1) + 13) if args.only_loaders else batch * (steps + skip)
     try:
         existing = sorted(folder.glob("class_*/*.jpg"))
         if len(existing) >= images:
@@ -351,8 +351,8 @@ def main() -> None:
               f"{', channels_last' if base['channels_last'] else ''}, K {base['moco_k']}; "
               f"first {skip} batch(es) of each pass untimed")
 
-        figures.update(compare_loaders(cpu_cfg, folder, workers, o_batch, batches=2 if quick else 8,
-                                       rounds=1 if quick else 3))
+        figures.update(compare_loaders(cpu_cfg, folder, workers, o_batch, batches=2 if quick else 12,
+                                       rounds=1 if quick else 4))
         if args.only_loaders:
             if args.json:
                 write_json_atomic(figures, args.json)

@@ -1,21 +1,17 @@
 """The CPU pipeline's aug+ and v1 views: torchvision's recipe with its slow ops swapped for exact fast ones.
 
-Where one loader core spends its time on a 500x375 photograph (1 thread, idle box; docs/pipeline.md): decoding
-0.8 ms, then per 224 px view PIL's hue 1.6-1.8 ms (two float RGB<->HSV conversions per pixel, 80% of the
-views), blur 1.0 ms (half of them), crop-and-resize 0.3-0.6 ms, to-tensor and normalise 0.3 ms, contrast,
-saturation and brightness 0.1-0.2 ms each. `fast_views` keeps every random draw of the torchvision transforms,
-in the same order from the same generator, and replaces:
+Where one loader core spends its time on a 500x375 photograph (docs/pipeline.md has the table): PIL's hue
+(two float RGB<->HSV conversions per pixel, 80% of the views) was the largest part. `fast_views` keeps every
+random draw of the torchvision transforms, in the same order from the same generator, and replaces:
 
 - hue: two table look-ups per pixel in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills
-  once per process (100 MB, shared by forked workers), so every byte is PIL's; 2.6x faster;
-- brightness and contrast: a 256-entry table per channel (`Image.point`), made by the same `ImageEnhance` blend
-  on a ramp of the 256 byte values (PIL blends each byte alone, so the table gives the same bytes);
+  once per process (100 MB, shared by forked workers), so every byte is PIL's;
 - to tensor and normalise: the views leave the workers as uint8 (a quarter of the bytes to collate and pass
   between processes) and the training step normalises the batch on its device (`normalize_views`).
 
-Saturation, grayscale, blur, flip and the crop stay torchvision's. A seeded draw therefore gives the torchvision
-recipe's views (tests/test_cpu_views.py), so exact resume, per-image seeds and the any-worker-count guarantee
-carry over unchanged.
+The other ops stay torchvision's (docs/pipeline.md says which levers were measured and left). A seeded draw
+therefore gives the torchvision recipe's views (tests/test_cpu_views.py), so exact resume, per-image seeds and
+the any-worker-count guarantee carry over unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageStat
+from PIL import Image
 from torchvision import transforms as T
 
 from moco_transfer.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -69,35 +65,15 @@ def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
     return Image.frombytes("RGB", image.size, rgbx.tobytes(), "raw", "RGBX")
 
 
-_RAMP = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(1, 256), "L")
-
-
-def _blend_table(image: Image.Image, degenerate: int, factor: float) -> Image.Image:
-    """`ImageEnhance`'s blend with a constant image, as a byte table: Image.blend treats each byte alone."""
-    table = Image.blend(Image.new("L", _RAMP.size, degenerate), _RAMP, factor).tobytes()
-    return image.point(list(table) * len(image.getbands()))
-
-
-def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
-    return _blend_table(image, 0, factor)
-
-
-def adjust_contrast(image: Image.Image, factor: float) -> Image.Image:
-    grey = image if image.mode == "L" else image.convert("L")
-    return _blend_table(image, int(ImageStat.Stat(grey).mean[0] + 0.5), factor)  # ImageEnhance.Contrast's mean
-
-
-
-
 class FastColorJitter(T.ColorJitter):
-    """ColorJitter with the same draws (order and factors) and the table ops above, for PIL images."""
+    """ColorJitter with the same draws (order and factors) and the table hue above, for PIL images."""
 
     def forward(self, img: Any) -> Any:
         if not isinstance(img, Image.Image) or img.mode not in ("RGB", "L"):
             return super().forward(img)
         order, brightness, contrast, saturation, hue = self.get_params(self.brightness, self.contrast,
                                                                        self.saturation, self.hue)
-        ops = ((adjust_brightness, brightness), (adjust_contrast, contrast),
+        ops = ((T.functional.adjust_brightness, brightness), (T.functional.adjust_contrast, contrast),
                (T.functional.adjust_saturation, saturation), (adjust_hue, hue))
         for index in order.tolist():
             op, factor = ops[index]
