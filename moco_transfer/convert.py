@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torchvision
 
+from .backbone import RESNET_ARCHS
 from .checkpoint import (
     CheckpointError,
     atomic_save,
@@ -42,15 +43,10 @@ D2_AUTHOR = "MOCO"
 _LAYER_RE = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
 _BN_RE = re.compile(r"^bn([1-3])\.(.+)$")
 _DOWNSAMPLE_RE = re.compile(r"^downsample\.([01])\.(.+)$")
-# torchvision ResNet depth -> (block kind, blocks per stage); used to name the architecture of a checkpoint
-# that does not record it (the official release does record "arch").
-_DEPTHS = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
-}
+# (block kind, blocks per stage) -> depth, the ResNet paper's table (He et al. 2016, Table 1): with the width
+# signature below it names a checkpoint that does not record its arch (the official release does record "arch").
+_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
+           ("bottleneck", (3, 4, 23, 3)): 101, ("bottleneck", (3, 8, 36, 3)): 152}
 
 
 @dataclass
@@ -96,13 +92,25 @@ class ConversionSummary:
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The torchvision ResNet name matching the block kind and blocks per stage, or None."""
+    """The supported ResNet (RESNET_ARCHS) whose layout `state` has, or None: from shapes alone, no model built.
+
+    Depth comes from the block kind and blocks per stage. The first block's 3x3 conv tells resnext and
+    wide_resnet from resnet: it has groups x width-per-group outputs of width-per-group inputs each (one group
+    of 64 in a plain ResNet, 32 groups of 4 or 8 in resnext, one group of 128 in wide_resnet). The stem does not
+    enter, so small-image (3x3) stems are named too.
+    """
     blocks = []
     for stage in range(1, 5):
         idx = {int(m.group(2)) for k in state if (m := _LAYER_RE.match(k)) and m.group(1) == str(stage)}
         blocks.append(max(idx) + 1 if idx else 0)
     kind = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
-    return _DEPTHS.get((kind, tuple(blocks)))
+    depth, conv = _DEPTHS.get((kind, tuple(blocks))), state.get("layer1.0.conv2.weight")
+    if depth is None or conv is None or conv.dim() != 4 or not conv.shape[1] or conv.shape[0] % conv.shape[1]:
+        return None
+    groups, per_group = conv.shape[0] // conv.shape[1], conv.shape[1]
+    name = (f"resnext{depth}_{groups}x{per_group}d" if groups > 1
+            else f"wide_resnet{depth}_{per_group // 64}" if per_group > 64 else f"resnet{depth}")
+    return name if name in RESNET_ARCHS else None
 
 
 def _reference_state(arch: str) -> dict[str, torch.Size]:

@@ -40,15 +40,6 @@ class PretrainedBackbone:
     preset_linear: PresetLinear | None = None  # its preset's linear-probe settings, when measured for it
 
 
-def _infer_arch(state: dict[str, torch.Tensor], small_images: bool, path: Path) -> str:
-    """Arch from the key set and shapes, for checkpoints that do not name it."""
-    for arch in RESNET_ARCHS:
-        expected = strip_head(build_resnet(arch, small_images=small_images)).state_dict()
-        if set(expected) == set(state) and all(expected[k].shape == state[k].shape for k in expected):
-            return arch
-    raise CheckpointError(f"checkpoint {path}: no 'arch' entry and the weights match none of {RESNET_ARCHS}")
-
-
 def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
     problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
                                      {k: tuple(v.shape) for k, v in state.items()})
@@ -172,9 +163,9 @@ def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str
     conv1 = state.get("conv1.weight")
     small = bool(config["small_images"]) if "small_images" in config else (
         conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
-    arch = config.get("arch") or ckpt.get("arch")
+    arch = config.get("arch") or ckpt.get("arch") or infer_arch(state)
     if arch is None:
-        arch = _infer_arch(state, small, path)
+        raise CheckpointError(f"checkpoint {path}: no 'arch' entry and the weights match none of {RESNET_ARCHS}")
     if arch not in RESNET_ARCHS:
         raise CheckpointError(f"checkpoint {path}: arch {arch!r} is not one of {RESNET_ARCHS}")
     image_size = int(config.get("image_size") or (32 if small else 224))

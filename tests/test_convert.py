@@ -12,7 +12,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from moco_transfer.backbone import build_resnet
+from moco_transfer.backbone import RESNET_ARCHS, build_resnet
 from moco_transfer.builder import MoCo
 from moco_transfer.checkpoint import CheckpointError, with_module_prefix
 from moco_transfer.cli import main
@@ -162,6 +162,20 @@ def test_arch_inferred_without_arch_entry(moco_state, tmp_path):
     assert load_backbone(path).arch == "resnet50"
     r18 = torchvision.models.resnet18().state_dict()
     assert infer_arch(r18) == "resnet18"
+
+
+@pytest.mark.parametrize("small_images", [False, True])
+def test_infer_arch_names_every_supported_arch(small_images):
+    """Each arch the project builds is named from its shapes alone: resnext50_32x4d and wide_resnet50_2 are not
+    resnet50, and a small-image stem (3x3 conv1, no max-pool) does not change the answer."""
+    for arch in RESNET_ARCHS:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = getattr(torchvision.models, arch)()
+            if small_images:
+                model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        assert infer_arch(state) == arch, arch
+    assert infer_arch({"conv1.weight": torch.zeros(64, 3, 7, 7)}) is None
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
