@@ -25,6 +25,7 @@ import torch
 import torchvision
 
 from moco_transfer.fileio import write_json_atomic
+from moco_transfer.markdown import table
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_SECONDS = 240 + 120  # + the VOC part (tests/test_cuda_voc.py), about 2 minutes on one H200
@@ -72,31 +73,26 @@ def markdown(report: dict[str, Any]) -> str:
     if b:
         lines += ["", f"## bench_pipeline.py: {b.get('arch')}, {b.get('image_size')} px, batch {b.get('batch')}, "
                       f"amp {b.get('amp')}, channels_last {b.get('channels_last')}, {b.get('workers')} workers, "
-                      f"{b.get('jpeg')} JPEGs", "", "| what | images/s | ratio |", "|---|---|---|"]
+                      f"{b.get('jpeg')} JPEGs", ""]
         rows = [("(a) CPU loader alone", "a_cpu_loader", None),
                 ("(b) device pipeline alone", "b_device_pipeline", ("b_over_c", "x the model-only step")),
                 ("(c) model-only step", "c_model_only_step", None),
                 ("(d) end to end, CPU pipeline", "d_cpu_pipeline", ("d_cpu_over_c", "of the model-only step")),
                 ("(d) end to end, device pipeline", "d_gpu_pipeline", ("d_gpu_over_c", "of the model-only step")),
                 ("(e) end to end, device pipeline, --compile", "e_compile", ("e_over_d_gpu", "x eager end to end"))]
-        for label, key, ratio in rows:
-            if b.get(key) is not None:
-                note = f"{b[ratio[0]]:.2f} {ratio[1]}" if ratio and b.get(ratio[0]) is not None else ""
-                lines.append(f"| {label} | {b[key]:,.0f} | {note} |")
+        lines += table(["what", "images/s", "ratio"], (
+            [label, f"{b[key]:,.0f}", f"{b[ratio[0]]:.2f} {ratio[1]}" if ratio and b.get(ratio[0]) is not None else ""]
+            for label, key, ratio in rows if b.get(key) is not None))
         if b.get("compile_seconds") is not None:
             lines.append(f"\n--compile: about {b['compile_seconds']:.0f} s of compilation; loss of the compiled model "
                          f"on one batch {b['compile_loss_relative_gap']:.1e} (relative) from eager.")
     voc = tests.get("figures", {}).get("voc", {})
     if voc.get("fp32") or voc.get("amp"):
+        keys = ("images_per_gpu", "predicted_reserved_gib", "real_peak_reserved_gib", "ratio", "warmup_steps",
+                "s_per_iter")
         lines += ["", "## VOC memory pre-flight: probe prediction vs peak reserved over 40 real iterations", "",
-                  "| precision | images/GPU | predicted GiB | real peak GiB | ratio | warm-up steps | s/iter |",
-                  "|---|---|---|---|---|---|---|"]
-        for key in ("fp32", "amp"):
-            v = voc.get(key)
-            if v:
-                cells = (key, v["images_per_gpu"], v["predicted_reserved_gib"], v["real_peak_reserved_gib"], v["ratio"],
-                         v["warmup_steps"], v["s_per_iter"])
-                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+                  *table(["precision", "images/GPU", "predicted GiB", "real peak GiB", "ratio", "warm-up steps",
+                          "s/iter"], ([p, *(voc[p][k] for k in keys)] for p in ("fp32", "amp") if voc.get(p)))]
     lines += ["", "## Targets", ""]
     lines += [f"- {name}: {'met' if ok else 'MISSED' if ok is False else 'not measured'} ({detail})"
               for name, (ok, detail) in t.items()]

@@ -29,6 +29,7 @@ import yaml
 
 from moco_transfer.checkpoint import checkpoint_name, find_latest
 from moco_transfer.fileio import atomic_open, sha256_file
+from moco_transfer.markdown import escape, table
 
 from .detection.benchmarks import COCO, VOC, get_benchmark
 from .detection.prepare import EXECUTION_KEYS
@@ -132,7 +133,6 @@ class Row:
     seeds: list[int]
     baseline: tuple[Any, ...] | None = None  # random init: (arch, small_images, image_size)
     differs: list[tuple[str, str]] = field(default_factory=list)  # recipe fields that set it apart from look-alikes
-    base_label: str = ""  # the label before those fields were added to it
     stale: str | None = None  # results of a checkpoint replaced at its path since: the sha256 they were computed on
 
 
@@ -622,7 +622,6 @@ def _mark_differences(rows: list[Row]) -> None:
     shown = {name for _, name in SWITCHES}
     buckets: dict[tuple[str, ...], list[Row]] = {}
     for row in rows:
-        row.base_label = row.label
         if row.recipe is not None and not row.baseline:
             buckets.setdefault(tuple(_switch_values(row)), []).append(row)
     for bucket in buckets.values():
@@ -717,10 +716,6 @@ def _columns(rows: list[Row]) -> tuple[list[Protocol | str], list[str]]:
     return columns, headers
 
 
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def _column_note(protocol: Protocol | str, header: str) -> str:
     if isinstance(protocol, str):
         return f"- **{header}**: no result found"
@@ -753,7 +748,7 @@ def _pooling_notes(rows: list[Row], columns: list[Protocol | str], headers: list
     per_checkpoint = ("each pooled checkpoint's value is the mean over all its evaluations' values"
                       if group_by == "recipe" else "mean ± std and n are over all their values")
     return ["", "Pooled cells (one checkpoint evaluated more than once under one protocol; "
-            f"{per_checkpoint}):", *(_escape(line) for line in lines)]
+            f"{per_checkpoint}):", *(escape(line) for line in lines)]
 
 
 def _stale_notes(rows: list[Row]) -> list[str]:
@@ -765,18 +760,17 @@ def _stale_notes(rows: list[Row]) -> list[str]:
     return ["", "Stale rows (results computed on a checkpoint whose file has since been replaced at its path, e.g. "
             "by a new run in the same folder; matched by the sha256 the results recorded, so they are neither "
             "credited to the file there now nor given its recipe, and --group-by recipe never pools them):",
-            *(_escape(line) for line in lines)]
+            *(escape(line) for line in lines)]
 
 
 def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: list[str], group_by: str,
                     paths: Sequence[str | os.PathLike], sources: list[Path], skipped: list[str],
                     decimals: int = 1) -> str:
     first = "recipe" if group_by == "recipe" else "checkpoint"
-    head = [first, *(name for name, _ in SWITCHES), *headers]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [format_cell(row.cells.get(c) if isinstance(c, Protocol) else None, decimals) for c in columns]
-        lines.append("| " + " | ".join(_escape(x) for x in [row.label, *_switch_values(row), *cells]) + " |")
+    lines = table([first, *(name for name, _ in SWITCHES), *headers], (
+        [row.label, *_switch_values(row),
+         *(format_cell(row.cells.get(c) if isinstance(c, Protocol) else None, decimals) for c in columns)]
+        for row in rows))
     pooled = ("; with --group-by recipe, over the checkpoints of one recipe (their per-checkpoint means, "
               "n = checkpoints)") if group_by == "recipe" else ""
     lines += [
@@ -796,7 +790,7 @@ def render_markdown(rows: list[Row], columns: list[Protocol | str], headers: lis
         f"Read {len(sources)} result source(s) under: {', '.join(str(p) for p in paths)}.",
     ]
     if skipped:
-        lines += ["", "Skipped (unusable):", *(f"- {_escape(s)}" for s in skipped)]
+        lines += ["", "Skipped (unusable):", *(f"- {escape(s)}" for s in skipped)]
     return "\n".join(lines) + "\n"
 
 
@@ -829,55 +823,26 @@ def _chart_label(label: str, width: int = 36) -> str:
     return "\n".join(lines)
 
 
-def _switch_text(names: list[str], values: list[str], varying: list[int]) -> str:
-    """The varying switches of one row: the ones on by name, numbers with their name (`MLP, aug+, T 0.2`)."""
-    flags = [i for i in varying if values[i] in ("✓", "")]
-    parts = [names[i] for i in flags if values[i] == "✓"]
-    if flags and not parts:
-        parts.append("no " + "/".join(names[i] for i in flags))
-    for i in varying:
-        if i not in flags:
-            parts.append(f"{values[i]} ep" if names[i] == "epochs" else f"{names[i]} {values[i]}")
-    return ", ".join(parts)
-
-
-def _distinct_tails(labels: list[str]) -> list[str]:
-    """Look-alike rows' checkpoints without the folders they all share, so a shortened label keeps what differs."""
-    try:
-        common = os.path.commonpath(labels)
-    except ValueError:  # absolute and relative paths mixed
-        return labels
-    if not common or common in labels:
-        return labels
-    return [os.path.relpath(label, common) for label in labels]
-
-
 def chart_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
-    """A bar group's name: what tells its row apart from the others, and the text every recipe row shares.
+    """Bar-group names from what the table shows, since the chart has no switch columns.
 
-    The table's switch columns tell recipe rows apart; the chart has only its labels, so each names the switches
-    that vary between rows (MLP, aug+, cos, T, epochs, batch) and the recipe fields the table adds in brackets.
-    Rows that still look alike (seeds of one recipe, per checkpoint) add their checkpoint on a second line.
-    Returns the labels and the label every recipe row shares ("" when they differ), for the chart's title.
+    A recipe row is named by its switch cells that differ between recipe rows (`MLP, no aug+, T 0.2`) over its
+    label; the label every recipe row shares is returned instead, for the chart's title ("" when none or one
+    recipe row). Other rows (random init, checkpoints without a recipe) keep their label.
     """
-    names = [name for name, _ in SWITCHES]
-    recipes = [i for i, row in enumerate(rows) if row.recipe is not None and not row.baseline]
-    values = {i: _switch_values(rows[i]) for i in recipes}
-    varying = [j for j in range(len(names)) if len({values[i][j] for i in recipes}) > 1]
-    labels = [row.label for row in rows]
-    texts = {}
-    for i in recipes:
-        parts = [_switch_text(names, values[i], varying)] if varying else []
-        parts += [f"{k} {v}" for k, v in rows[i].differs]
-        texts[i] = ", ".join(p for p in parts if p)
-    for i in recipes:
-        if not texts[i]:
+    recipes = {id(row): _switch_values(row) for row in rows if row.recipe is not None and not row.baseline}
+    varying = [j for j in range(len(SWITCHES)) if len({values[j] for values in recipes.values()}) > 1]
+    names = {row.label for row in rows if id(row) in recipes}
+    shared = names.pop() if len(names) == 1 and len(recipes) > 1 else ""
+    labels = []
+    for row in rows:
+        values = recipes.get(id(row))
+        if values is None:
+            labels.append(row.label)
             continue
-        alike = [j for j in recipes if texts[j] == texts[i]]
-        tails = _distinct_tails([rows[j].base_label or rows[j].label for j in alike])
-        labels[i] = texts[i] + (f"\n{tails[alike.index(i)]}" if len(alike) > 1 else "")
-    common = {rows[i].base_label or rows[i].label for i in recipes}
-    shared = next(iter(common)) if len(common) == 1 and len(recipes) > 1 else ""
+        parts = [name if values[j] == "✓" else f"no {name}" if values[j] == "" else f"{name} {values[j]}"
+                 for j in varying for name in [SWITCHES[j][0]]]
+        labels.append("\n".join(part for part in (", ".join(parts), "" if shared else row.label) if part) or row.label)
     return labels, shared
 
 

@@ -262,20 +262,23 @@ def test_chart_labels_name_what_tells_the_rows_apart(tmp_path: Path, monkeypatch
     assert [r.label for r in report.rows if r.recipe] == ["digits (seeds 0, 1)"] * 3  # the table relies on switches
     write_report(report, tmp_path / "table.md")
     assert drawn["groups"][0].startswith("random init (")
-    assert drawn["groups"][1:] == ["no MLP/aug+/cos, T 0.07", "MLP, T 0.2", "MLP, aug+, cos, T 0.2"]
+    # named from the table's own cells: the switch columns that differ between the recipe rows
+    assert drawn["groups"][1:] == ["no MLP, no aug+, no cos, T 0.07", "MLP, no aug+, no cos, T 0.2",
+                                   "MLP, aug+, cos, T 0.2"]
     assert drawn["title"] == "moco report, per recipe: digits (seeds 0, 1) (error bars: std)"
 
-    # per checkpoint: the seeds of one recipe look alike, so their checkpoint follows on a second line, without
-    # the folders they share (the label is shortened in its middle to fit the chart)
-    labels, shared = chart_labels(build_report([tmp_path]).rows)
+    # per checkpoint: each row's label (its checkpoint) differs, so it follows the switches on a second line
+    rows = build_report([tmp_path]).rows
+    labels, shared = chart_labels(rows)
     v2 = [label for label in labels if label.startswith("MLP, aug+, cos")]
-    assert v2 == [f"MLP, aug+, cos, T 0.2\nv2_s{seed}/checkpoint_0007.pth.tar" for seed in (0, 1)]
+    assert v2 == [f"MLP, aug+, cos, T 0.2\n{row.label}" for row in rows if "/v2_s" in row.label]
+    assert [label.split("/")[-2] for label in v2] == ["v2_s0", "v2_s1"]
     assert len(set(labels)) == len(labels) and shared == ""
 
-    # switches alike, another recipe field differs: the field the table adds in brackets names the bars
+    # switches alike, another recipe field differs: the label the table shows, with that field in brackets
     write_run(tmp_path / "wide", seed=0, arch="resnet50", knn=45.0, **V2)
     labels, _ = chart_labels(build_report([tmp_path / "v2_s0", tmp_path / "wide"], group_by="recipe").rows)
-    assert labels[1:] == ["arch resnet18", "arch resnet50"]  # after the random-init row
+    assert labels[1:] == ["digits (seed 0) [arch resnet18]", "digits (seed 0) [arch resnet50]"]  # after random init
     # one recipe row alone keeps its label
     labels, shared = chart_labels(build_report([tmp_path / "v2_s0", tmp_path / "v2_s1"], group_by="recipe").rows)
     assert labels[-1] == "digits (seeds 0, 1)" and shared == ""

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from moco_transfer.fileio import atomic_open, write_json_atomic
+from moco_transfer.markdown import table
 
 from .benchmarks import VOC, Benchmark
 from .schedule import Projection
@@ -151,19 +152,15 @@ def _fmt(x: float | None) -> str:
 def summary_markdown(summary: dict[str, Any], benchmark: Benchmark = VOC) -> str:
     columns = benchmark.columns()
 
-    def cells(record: dict[str, Any]) -> str:
+    def cells(record: dict[str, Any]) -> list[str]:
         values = benchmark.values(record) or {}
-        return " | ".join(_fmt(values.get(task, {}).get(key)) for task, key, _ in columns)
+        return [_fmt(values.get(task, {}).get(key)) for task, key, _ in columns]
 
+    rows = [[r["trial"], r["seed"], *cells(r), r.get("precision") or "-"] for r in summary["trials"]]
+    rows += [[name, "", *cells(summary[name]), ""] for name in ("mean", "std")]
     lines = [f"{benchmark.title}, {summary['trials_finished']} of {summary['trials_requested']} trials finished", "",
-             "| trial | seed | " + " | ".join(h for _, _, h in columns) + " | precision |",
-             "|---|---|" + "---|" * len(columns) + "---|"]
-    for r in summary["trials"]:
-        lines.append(f"| {r['trial']} | {r['seed']} | {cells(r)} | {r.get('precision') or '-'} |")
-    lines.append(f"| mean | | {cells(summary['mean'])} | |")
-    lines.append(f"| std | | {cells(summary['std'])} | |")
-    lines.append("")
-    lines.append("std is the sample standard deviation over finished trials.")
+             *table(["trial", "seed", *(h for _, _, h in columns), "precision"], rows), "",
+             "std is the sample standard deviation over finished trials."]
     return "\n".join(lines) + "\n"
 
 
