@@ -27,7 +27,7 @@ from moco_transfer.eval.detection.prepare import build_config  # noqa: E402
 from moco_transfer.eval.detection.probe import RESULT_MARK, ProbeError, Prober, image_size_of, sizes_of  # noqa: E402
 from moco_transfer.eval.detection.probe import main as probe_main  # noqa: E402
 from moco_transfer.eval.detection.runner import DetectionOptions  # noqa: E402
-from moco_transfer.eval.detection.train import trainer_class  # noqa: E402
+from moco_transfer.eval.detection.trainer import TrialTrainer  # noqa: E402
 from moco_transfer.eval.detection.trials import TrialState, trial_state  # noqa: E402
 
 
@@ -101,12 +101,12 @@ def test_training_oom_is_a_message_and_the_trial_resumes(moco_checkpoint, voc_ro
 def test_fp32_checkpoint_resumes_under_amp(moco_checkpoint, voc_root, tmp_path):
     """detectron2's AMP trainer expects gradient-scaler state that an fp32 checkpoint lacks; ours starts it fresh."""
     cfg = _tiny_cfg(voc_root, tmp_path, moco_checkpoint)
-    fp32 = trainer_class()(cfg)
+    fp32 = TrialTrainer(cfg)
     fp32.iter = 1
     fp32.checkpointer.save("model_0000001")
     amp_cfg = cfg.clone()
     amp_cfg.SOLVER.AMP.ENABLED = True
-    amp = trainer_class()(amp_cfg)
+    amp = TrialTrainer(amp_cfg)
     assert isinstance(amp._trainer, AMPTrainer)
     state = torch.load(tmp_path / "model_0000001.pth", weights_only=False)["trainer"]  # written by this test
     with pytest.raises(KeyError, match="grad_scaler"):

@@ -329,3 +329,16 @@ def test_missing_detectron2_is_a_clear_error_before_anything(monkeypatch, tmp_pa
     assert res.exit_code == 1
     assert "detectron2 is not installed" in res.output and "pip install --no-build-isolation" in res.output
     assert not out.exists()
+
+
+def test_trainer_module_is_imported_only_when_a_trial_trains():
+    """The detectron2 trainer has a module of its own that imports detectron2 at its top: the CLI, the runner and
+    train.py load without it (here without detectron2 at all), and run_trial imports it when it trains."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['detectron2'] = None; "
+            "import moco_transfer.cli, moco_transfer.eval.detection.runner, moco_transfer.eval.detection.train; "
+            "print(sorted(m for m in sys.modules if m.endswith('detection.trainer')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]

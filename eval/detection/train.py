@@ -1,9 +1,10 @@
-"""One detection fine-tuning trial, in every process that trains: the trainer, progress file, out-of-memory capture.
+"""One detection fine-tuning trial, in every process that trains: set-up, records, out-of-memory capture.
 
 Entry points: `run_trial` (through detectron2's `launch`, in the `moco eval voc|coco` process or spawned per GPU)
 and `python -m moco_transfer.eval.detection.train CONFIG DATA_ROOT SEED --gpus N --benchmark voc|coco` (one trial
 as a subprocess: every trial on GPUs, and every trial under `--parallel-trials`). The benchmark's spec
-(`benchmarks`) registers its datasets at DATA_ROOT and builds its evaluator; the rest is the same for all.
+(`benchmarks`) registers its datasets at DATA_ROOT and builds its evaluator; the rest is the same for all. The
+detectron2 trainer and its hooks are in `trainer`, imported only when a trial trains.
 Rank 0 writes the trial folder's progress.json, segments.json and metrics.json; a rank that runs out of GPU
 memory writes oom_rank<r>.json, from which the parent builds its message. SIGTERM or SIGUSR1 ends training after
 the iteration in progress (every rank at the same one) with a detectron2 checkpoint that `last_checkpoint`
@@ -16,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import logging
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,21 +30,16 @@ from typing import Any
 import torch
 
 from moco_transfer.detectron2_ext import register
-from moco_transfer.distributed import agree
 from moco_transfer.fileio import write_json_atomic
-from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
+from moco_transfer.signals import EXIT_STOPPED, StoppedBySignal, StopRequest, shut_down_workers
 
-from .benchmarks import VOC, Benchmark, get_benchmark
+from .benchmarks import get_benchmark
 from .memory import allocation_failure, apply_memory_fraction, is_out_of_memory
 from .schedule import DIST_URL_ENV
-from .trials import OOM_GLOB, PROGRESS_FILE, STOPPED_FILE, write_metrics
+from .trials import OOM_GLOB, STOPPED_FILE, write_metrics
 
 SEGMENTS_FILE = "segments.json"
-TRAIN_LOG = "train_log.json"  # detectron2's JSON lines of training metrics (its default name clashes with ours)
 EXIT_OOM = 3
-PROGRESS_PERIOD = 20
-WARMUP_ITERS = 20  # iterations not timed: cuDNN autotuning, allocator growth, loader start-up
-TIMED_ITERS = 20
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -74,19 +68,13 @@ def stop_request() -> Iterator[StopRequest]:
             _ACTIVE_STOP = None
 
 
-def timing_window(start_iter: int, max_iter: int, warmup: int = WARMUP_ITERS, timed: int = TIMED_ITERS
-                  ) -> tuple[int, int]:
-    """Iterations [a, b) whose wall time gives s/iter: after `warmup` untimed ones, shrunk for short runs."""
-    left = max(0, max_iter - start_iter)
-    w = min(warmup, left // 2)
-    return start_iter + w, start_iter + w + max(0, min(timed, left - w))
-
-
 def ims_per_gpu(cfg: Any, world_size: int) -> int:
+    """Images per device of a step: what the progress, segment and out-of-memory records report."""
     return int(cfg.SOLVER.IMS_PER_BATCH) // max(1, world_size)
 
 
-def _peak_reserved() -> int | None:
+def peak_reserved() -> int | None:
+    """This process's peak reserved CUDA memory (None off CUDA), for the progress and out-of-memory records."""
     return int(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
@@ -102,36 +90,6 @@ def start_memory_stats() -> None:
             torch.cuda.reset_peak_memory_stats()
 
 
-def torch_loader(loader: Any, depth: int = 4) -> torch.utils.data.DataLoader | None:
-    """The torch DataLoader inside what detectron2's loader builders return: the loader itself, or under its
-    aspect-ratio grouping (`.dataset`) and collation (`._dataset`) wrappers."""
-    node = loader
-    for _ in range(depth):
-        if isinstance(node, torch.utils.data.DataLoader):
-            return node
-        inner = getattr(node, "dataset", None)
-        node = inner if inner is not None else getattr(node, "_dataset", None)
-        if node is None:
-            return None
-    return None
-
-
-def shield_loader_workers(loader: Any) -> Any:
-    """`loader` with its workers made to outlive the job's stop signal (`signals.loader_worker_init`), chained
-    before the worker_init_fn detectron2 gave them (`worker_init_reset_seed`, which reseeds each worker).
-
-    Slurm, torchrun's agent and GNU timeout signal every process of the job. detectron2's builders take no
-    worker_init_fn (they pass their own), so it is set on the built DataLoader before its first iteration.
-    """
-    inner = torch_loader(loader)
-    if inner is None:
-        logging.getLogger("detectron2").warning(f"no torch DataLoader found in {type(loader).__name__}: its workers "
-                                                "would die on a signal sent to the whole job")
-    elif inner.num_workers > 0:
-        inner.worker_init_fn = loader_worker_init(then=inner.worker_init_fn)
-    return loader
-
-
 def end_train_loader(trainer: Any) -> None:
     """Stop the training loader's workers with the trial (a stopped trial's would otherwise live on until the
     process exits): detectron2 iterates it through a generator (aspect-ratio grouping) or a DataLoader iterator."""
@@ -142,118 +100,6 @@ def end_train_loader(trainer: Any) -> None:
     if close is not None:  # a generator: closing it drops the DataLoader iterator it holds, whose workers end
         close()
     shut_down_workers(batches)
-
-
-def trainer_class(stop: StopRequest | None = None, benchmark: Benchmark = VOC) -> type:
-    """The detectron2 trainer of a trial (built lazily: detectron2 is optional); `stop` adds the StopHook; the
-    benchmark gives the evaluator."""
-    from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer
-    from detectron2.utils import comm
-    from detectron2.utils.events import CommonMetricPrinter, JSONWriter
-
-    class ProgressHook(HookBase):
-        """Rank 0: times the iterations after warm-up and keeps progress.json current for the parent."""
-
-        def __init__(self, folder: Path, cfg: Any) -> None:
-            self.path = folder / PROGRESS_FILE
-            self.cfg = cfg
-            self.s_per_iter: float | None = None
-            self._t0: float | None = None
-
-        def before_train(self) -> None:
-            self.window = timing_window(self.trainer.start_iter, self.trainer.max_iter)
-            if self.window[0] == self.window[1]:
-                self._write()
-            self._t0 = time.perf_counter() if self.window[0] == self.trainer.start_iter else None
-
-        def after_step(self) -> None:
-            done = self.trainer.iter + 1  # iterations finished so far
-            a, b = self.window
-            if done == a:
-                self._t0 = time.perf_counter()
-            if done == b and self._t0 is not None and b > a:
-                self.s_per_iter = (time.perf_counter() - self._t0) / (b - a)
-            if done == b or done % PROGRESS_PERIOD == 0 or done >= self.trainer.max_iter:
-                self._write()
-
-        def _write(self) -> None:
-            world = comm.get_world_size()
-            write_json_atomic({"iteration": self.trainer.iter + 1, "start_iter": self.trainer.start_iter,
-                               "max_iter": self.trainer.max_iter, "s_per_iter": self.s_per_iter,
-                               "window": list(self.window), "amp": bool(self.cfg.SOLVER.AMP.ENABLED), "gpus": world,
-                               "ims_per_gpu": ims_per_gpu(self.cfg, world), "peak_memory_bytes": _peak_reserved(),
-                               "time": time.time()}, self.path)
-
-    class StopHook(HookBase):
-        """Every rank: after each iteration but the last, stop on a signal with a checkpoint resume continues from.
-
-        The ranks agree every iteration with one 4-byte all-reduce: an iteration already all-reduces the
-        detector's gradients (tens of millions of values) and gathers its loss figures with a device sync, so a
-        flag costs microseconds next to it, and a stop lands within one iteration. The last iteration is left to
-        finish: only the evaluation (already run by EvalHook then) would remain, and the trial ends normally.
-        """
-
-        def __init__(self, stop: StopRequest) -> None:
-            self.stop = stop
-
-        def after_step(self) -> None:
-            it = self.trainer.iter
-            if it + 1 >= self.trainer.max_iter or not agree([self.stop.requested])[0]:
-                return
-            name = f"model_{it:07d}"
-            self.trainer.checkpointer.save(name, iteration=it)  # rank 0 writes; last_checkpoint names it
-            folder = Path(self.trainer.cfg.OUTPUT_DIR)
-            why = self.stop.signal_name or "a signal on another rank"
-            if comm.is_main_process():
-                write_json_atomic({"iteration": it + 1, "max_iter": self.trainer.max_iter, "signal": why,
-                                   "checkpoint": f"{name}.pth", "time": time.time()}, folder / STOPPED_FILE)
-            comm.synchronize()  # no rank leaves (and ends the process group) before the checkpoint is written
-            raise StoppedBySignal(f"stopped by {why} after iteration {it + 1} of {self.trainer.max_iter}; "
-                                  f"checkpoint {folder / name}.pth")
-
-    class TrialTrainer(DefaultTrainer):
-
-        @classmethod
-        def build_train_loader(cls, cfg: Any) -> Any:
-            return shield_loader_workers(super().build_train_loader(cfg))
-
-        @classmethod
-        def build_test_loader(cls, cfg: Any, dataset_name: str) -> Any:
-            return shield_loader_workers(super().build_test_loader(cfg, dataset_name))
-
-        @classmethod
-        def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
-            return benchmark.evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
-
-        def build_writers(self) -> list[Any]:
-            """Console and JSON lines; TensorBoard events only where tensorboard is installed (not a dependency)."""
-            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, TRAIN_LOG))]
-            if importlib.util.find_spec("tensorboard") is not None:
-                from detectron2.utils.events import TensorboardXWriter
-
-                writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
-            return writers
-
-        def build_hooks(self) -> list[Any]:
-            hooks = super().build_hooks()
-            if comm.is_main_process():
-                hooks.insert(0, ProgressHook(Path(self.cfg.OUTPUT_DIR), self.cfg))
-            if stop is not None:
-                hooks.append(StopHook(stop))  # last: after the periodic checkpoint and the writers
-            return hooks
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            """Resume across a precision change: an fp32 checkpoint has no gradient-scaler state for AMP."""
-            inner = state_dict["_trainer"]
-            if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
-                logging.getLogger("detectron2").info("resuming an fp32 checkpoint with --amp: the gradient scaler "
-                                                     "starts from its initial scale")
-                super(DefaultTrainer, self).load_state_dict(state_dict)  # TrainerBase: iteration and hooks
-                SimpleTrainer.load_state_dict(self._trainer, inner)
-                return
-            super().load_state_dict(state_dict)
-
-    return TrialTrainer
 
 
 class _HideOomTraceback(logging.Filter):
@@ -288,7 +134,7 @@ def _oom_record(cfg: Any, rank: int, world: int, iteration: int | None, exc: Bas
         "rank": rank, "iteration": iteration, "max_iter": max_iter,
         "phase": "training" if iteration is None or iteration < max_iter else "evaluation",
         "amp": bool(cfg.SOLVER.AMP.ENABLED), "gpus": world, "ims_per_gpu": ims_per_gpu(cfg, world),
-        "reserved_bytes": _peak_reserved(), "free_bytes": None, "total_bytes": None, "device": "",
+        "reserved_bytes": peak_reserved(), "free_bytes": None, "total_bytes": None, "device": "",
         "error": text.splitlines()[0][:300] if text else type(exc).__name__, "kind": allocation_failure(exc),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -309,6 +155,8 @@ def run_trial(cfg_file: str, data_root: str, seed: int, benchmark: str = "voc") 
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
+
+    from .trainer import TrialTrainer  # detectron2 at its top: imported when a trial trains, never before
 
     register()
     cfg = get_cfg()
@@ -338,7 +186,7 @@ def run_trial(cfg_file: str, data_root: str, seed: int, benchmark: str = "voc") 
         seed_all_rng(seed + rank)
         start_memory_stats()
         try:
-            trainer = trainer_class(stop, bench)(cfg)
+            trainer = TrialTrainer(cfg, stop, bench)
             trainer.resume_or_load(resume=True)
             start_iter = trainer.start_iter
             segments = _update_segments(folder, start_iter, cfg, world) if rank == 0 else []
