@@ -123,11 +123,16 @@ def _reference_state(arch: str) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
+def shape_problems(expected: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading strictly where `expected` (tensors or shapes) stands: missing, unexpected
+    and mis-shaped keys, as phrases for an error message (empty: it fits)."""
+    return describe_key_mismatch({k: tuple(getattr(v, "shape", v)) for k, v in expected.items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
+
+
 def check_backbone(state: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped keys against torchvision's `arch`."""
-    ref = _reference_state(arch)
-    problems = describe_key_mismatch({k: tuple(v) for k, v in ref.items()},
-                                     {k: tuple(v.shape) for k, v in state.items()})
+    problems = shape_problems(_reference_state(arch), state)
     if problems:
         raise CheckpointError(f"{source}: query encoder does not match torchvision {arch}: " + "; ".join(problems))
 
@@ -148,17 +153,18 @@ def check_timm_backbone(state: Mapping[str, torch.Tensor], arch: str, source: st
             model = timm.create_model(arch, pretrained=False, num_classes=0)
     except Exception as exc:  # an unknown name is a RuntimeError in timm
         raise CheckpointError(f"{source}: timm cannot build {arch!r} ({exc})") from exc
-    problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                     {k: tuple(v.shape) for k, v in state.items()})
+    problems = shape_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{source}: query encoder does not match timm {arch} (num_classes=0): "
                               + "; ".join(problems))
 
 
-def _small_stem(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> bool:
-    """A checkpoint pretrained with small_images=True: its config says so, or conv1 is 3x3 (official files)."""
+def small_stem(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> bool:
+    """Whether the weights have the small_images stem: the config says, else a 3x3 conv1 (official files)."""
     conv1 = state.get("conv1.weight")
-    return bool(config.get("small_images")) or (conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
+    if "small_images" in config:
+        return bool(config["small_images"])
+    return conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3
 
 
 def load_backbone(path: str | os.PathLike, arch: str | None = None, target: str | None = None) -> Backbone:
@@ -177,7 +183,7 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, target: str 
     if not arch:
         raise CheckpointError(f"checkpoint {path}: cannot tell the ResNet architecture (no 'arch' entry and "
                               f"no standard block layout); pass it explicitly")
-    if target == "timm" and _small_stem(state, config):
+    if target == "timm" and small_stem(state, config):
         raise CheckpointError(f"checkpoint {path}: pretrained with small_images=True (3x3 stride-1 stem, no "
                               f"max-pool), which timm's {arch} (7x7 stride-2 stem, max-pool) cannot hold; "
                               f"--to timm needs a checkpoint with the standard stem")

@@ -18,9 +18,9 @@ from torch import nn
 
 from .backbone import RESNET_ARCHS, build_resnet, feature_dim, strip_head
 from .checkpoint import CheckpointError, is_safetensors, load_checkpoint, query_encoder_state, read_safetensors
-from .convert import check_backbone, infer_arch
+from .convert import check_backbone, infer_arch, shape_problems, small_stem
 from .data import embedded_name
-from .fileio import describe_key_mismatch, sha256_file
+from .fileio import sha256_file
 from .named_sets import named_set
 
 
@@ -41,8 +41,7 @@ class PretrainedBackbone:
 
 
 def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    problems = describe_key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                     {k: tuple(v.shape) for k, v in state.items()})
+    problems = shape_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"checkpoint {path}: query encoder under 'module.encoder_q.' does not match a {arch} "
                               f"backbone ({'; '.join(problems)}); refusing to evaluate a partly random network")
@@ -160,9 +159,7 @@ def load_pretrained_backbone(path: str | os.PathLike, device: torch.device | str
     config: dict[str, Any] = ckpt.get("config") or {}
     if not isinstance(config, dict):
         config = {}
-    conv1 = state.get("conv1.weight")
-    small = bool(config["small_images"]) if "small_images" in config else (
-        conv1 is not None and conv1.dim() == 4 and conv1.shape[-1] == 3)
+    small = small_stem(state, config)
     arch = config.get("arch") or ckpt.get("arch") or infer_arch(state)
     if arch is None:
         raise CheckpointError(f"checkpoint {path}: no 'arch' entry and the weights match none of {RESNET_ARCHS}")
