@@ -218,46 +218,38 @@ def compare_loaders(cfg: PretrainConfig, folder: Path, workers: int, batch: int,
     return figures
 
 
-def make_model(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
+def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int, epochs: int
+               ) -> tuple[float, list[float], float]:
+    """images/s of train_one_epoch (the real loop) over the last epoch, its first `skip` batches left out; each
+    epoch's wall time (the first one holds compilation when cfg.compile); the first epoch's mean loss. The model,
+    optimizer and scaler are built as the engine builds them, the weights and key shuffles alike for every call."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         compile_encoders(model)
-    return model
-
-
-def train_rate(cfg: PretrainConfig, loader: Any, device: torch.device, skip: int, epochs: int
-               ) -> tuple[float, list[float]]:
-    """images/s of train_one_epoch (the real loop) over the last epoch, its first `skip` batches left out; and
-    each epoch's wall time (the first one holds compilation when cfg.compile)."""
-    model = make_model(cfg, device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    rate, walls = float("nan"), []
+    torch.manual_seed(1)
+    rate, walls, losses = float("nan"), [], []
     for epoch in range(epochs):
         if hasattr(loader, "sampler"):  # a DataLoader or a DevicePipeline, not RepeatedViews
             seed_epoch(loader, cfg.seed, epoch)
         timed = Timed(loader, skip)
         started = time.perf_counter()
-        train_one_epoch(model, timed, optimizer, scaler, cfg, device, epoch, cfg.effective_lr)
+        losses.append(train_one_epoch(model, timed, optimizer, scaler, cfg, device, epoch, cfg.effective_lr).loss)
         walls.append(time.perf_counter() - started)
         rate = timed.rate(cfg.batch_size, time.perf_counter(), consumed=True)  # the epoch ends with a sync
-    return rate, walls
+    return rate, walls, losses[0]
 
 
 def compiled_loss_gap(cfg: PretrainConfig, views: list[torch.Tensor], device: torch.device) -> float:
-    """|loss(compiled) - loss(eager)| / loss(eager) on one identical batch, same weights and key shuffle."""
-    losses = []
-    for compiled in (False, True):
-        model = make_model(PretrainConfig(**{**cfg.to_dict(), "compile": compiled}), device)
-        torch.manual_seed(1)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, labels = model(*views)
-            losses.append(torch.nn.functional.cross_entropy(logits.float(), labels).item())
-    return abs(losses[1] - losses[0]) / abs(losses[0])
+    """|loss(compiled) - loss(eager)| / loss(eager) of the engine's step on one identical batch, same weights and
+    key shuffle."""
+    eager, compiled = (train_rate(PretrainConfig(**{**cfg.to_dict(), "compile": c}), RepeatedViews(views, 1), device,
+                                  0, 1)[2] for c in (False, True))
+    return abs(compiled - eager) / abs(eager)
 
 
 def device_parts(cfg: PretrainConfig, pipeline: DevicePipeline, device: torch.device, repeats: int
@@ -376,14 +368,14 @@ def main() -> None:
 
         assert views[0].dtype == training_dtype(gpu_cfg)
         epochs = 1 if quick else 2  # the first of two epochs warms up the allocator, cuDNN and oneDNN
-        c, _ = train_rate(gpu_cfg, RepeatedViews(views, steps + skip), device, skip, epochs)
+        c, _, _ = train_rate(gpu_cfg, RepeatedViews(views, steps + skip), device, skip, epochs)
         row(f"(c) model-only training step, views already on {device.type}", c,
             f"a CPU loader would need ~{c / per_worker:.1f} workers to keep up; device pipeline alone "
             f"{b / c:.2f}x this (target >= 2)")
         figures.update(c_model_only_step=c, b_over_c=b / c, cpu_workers_needed=c / per_worker)
 
-        d_cpu, _ = train_rate(cpu_cfg, cpu_loader, device, skip, epochs)
-        d_gpu, _ = train_rate(gpu_cfg, gpu_loader, device, skip, epochs)
+        d_cpu, _, _ = train_rate(cpu_cfg, cpu_loader, device, skip, epochs)
+        d_gpu, _, _ = train_rate(gpu_cfg, gpu_loader, device, skip, epochs)
         row("(d) end-to-end training, cpu pipeline", d_cpu, f"{d_cpu / c:.2f} of the model-only step")
         row("    end-to-end training, gpu pipeline", d_gpu, f"{d_gpu / c:.2f} of the model-only step "
             "(target >= 0.90 on a GPU)")
@@ -391,7 +383,7 @@ def main() -> None:
 
         if with_compile:
             compile_cfg = PretrainConfig(**{**gpu_cfg.to_dict(), "compile": True})
-            e, walls = train_rate(compile_cfg, gpu_loader, device, skip, max(epochs, 2))
+            e, walls, _ = train_rate(compile_cfg, gpu_loader, device, skip, max(epochs, 2))
             compile_s = max(walls[0] - walls[-1], 0.0)
             gap = compiled_loss_gap(gpu_cfg, views, device)
             row("(e) end-to-end training, gpu pipeline, --compile", e,

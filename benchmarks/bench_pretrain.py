@@ -1,10 +1,10 @@
 """Pretraining benchmarks, measured side by side in one run.
 
-1. MoCo step overhead: one full training step (MoCo forward with momentum update, shuffle, queue, loss,
-   backward, SGD step) divided by its irreducible parts on the same batch (query encoder forward+backward
-   plus key encoder forward). Target <= 1.10 on CPU.
-2. Data pipeline: images/s the loader delivers with the embedded default's workers vs images/s the step
-   consumes; the loader must not be the bottleneck.
+1. MoCo step overhead: one training step of the engine's train_one_epoch (MoCo forward with momentum update,
+   shuffle, queue, loss, backward, SGD step, the step loop's bookkeeping) divided by its irreducible parts on
+   the same batch (query encoder forward+backward plus key encoder forward). Target <= 1.10 on CPU.
+2. Data pipeline: images/s the loader delivers with the embedded default's workers vs images/s the engine's
+   step consumes; the loader must not be the bottleneck.
 3. Mid-epoch checkpoints (`--checkpoint-every-min`): the seconds one save of a MoCo v2 ResNet-50 checkpoint
    (both encoders, queue, SGD momentum) takes here, as a fraction of training time at each interval. Target
    < 1% at the default (30 min).
@@ -20,17 +20,14 @@ import os
 import statistics
 import tempfile
 import time
-from functools import partial
 
 import torch
-import torch.nn.functional as F
+from bench_pipeline import RepeatedViews  # this folder's: the script's own folder is on sys.path
 
-from moco_transfer.backbone import build_resnet
-from moco_transfer.builder import MoCo
 from moco_transfer.checkpoint import atomic_save
 from moco_transfer.pretrain.config import PretrainConfig, resolve_config
 from moco_transfer.pretrain.data import build_pretrain_dataset, build_pretrain_loader, seed_epoch
-from moco_transfer.pretrain.engine import build_model, build_optimizer, checkpoint_dict
+from moco_transfer.pretrain.engine import build_model, build_optimizer, checkpoint_dict, train_one_epoch
 
 
 def _timed(fn, repeats: int) -> list[float]:  # noqa: ANN001
@@ -42,42 +39,46 @@ def _timed(fn, repeats: int) -> list[float]:  # noqa: ANN001
     return times
 
 
-def step_overhead(arch: str, image_size: int, batch: int, repeats: int, bn_splits: int) -> None:
-    torch.manual_seed(0)
-    model = MoCo(partial(build_resnet, arch, small_images=True, bn_splits=bn_splits), dim=128, K=65536,
-                 m=0.999, T=0.2, mlp=True)
-    optimizer = build_optimizer(model, resolve_config("mocov2"))
-    im_q, im_k = torch.randn(batch, 3, image_size, image_size), torch.randn(batch, 3, image_size, image_size)
-    model.train()
+def engine_seconds(cfg: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   views: list[torch.Tensor], steps: int) -> float:
+    """Wall time of `steps` training steps on one batch of views, through the engine's own train_one_epoch: a
+    benchmark times the code that trains."""
+    start = time.perf_counter()
+    train_one_epoch(model, RepeatedViews(views, steps), optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
+                    torch.device("cpu"), 0, cfg.effective_lr)
+    return time.perf_counter() - start
 
-    def full_step() -> None:
-        logits, labels = model(im_q, im_k)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+def step_overhead(arch: str, image_size: int, batch: int, repeats: int, bn_splits: int, steps: int = 3) -> None:
+    cfg = resolve_config("mocov2", overrides=dict(arch=arch, small_images=True, image_size=image_size, batch_size=batch,
+                                                  bn_splits=bn_splits, amp="none", device="cpu", log_every=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg)  # K 65536, m 0.999, T 0.2, MLP head
+    optimizer = build_optimizer(model, cfg)
+    views = [torch.randn(batch, 3, image_size, image_size) for _ in range(2)]
 
     def irreducible() -> None:
-        model.encoder_q.zero_grad(set_to_none=True)
-        model.encoder_q(im_q).sum().backward()
-        with torch.no_grad():
-            model.encoder_k(im_k)
+        for _ in range(steps):
+            model.encoder_q.zero_grad(set_to_none=True)
+            model.encoder_q(views[0]).sum().backward()
+            with torch.no_grad():
+                model.encoder_k(views[1])
 
-    for fn in (full_step, irreducible):  # warm-up: allocator, oneDNN primitives
-        fn()
+    engine_seconds(cfg, model, optimizer, views, 1)  # warm-up: allocator, oneDNN primitives
+    irreducible()
     full, base = [], []
     for _ in range(repeats):  # interleaved, so load changes hit both alike
-        full += _timed(full_step, 1)
-        base += _timed(irreducible, 1)
+        full.append(engine_seconds(cfg, model, optimizer, views, steps) / steps)
+        base += [t / steps for t in _timed(irreducible, 1)]
     f, b = min(full), min(base)
     params = sum(p.numel() for p in model.encoder_q.parameters()) / 1e6
-    print(f"  {arch:9s} {image_size}px batch {batch}, K 65536, {params:.1f}M params: full step {f * 1000:8.1f} ms, "
-          f"irreducible {b * 1000:8.1f} ms  ->  overhead ratio {f / b:.3f}  (target <= 1.10; "
+    print(f"  {arch:9s} {image_size}px batch {batch}, K {cfg.moco_k}, {params:.1f}M params: full step {f * 1000:8.1f} "
+          f"ms, irreducible {b * 1000:8.1f} ms  ->  overhead ratio {f / b:.3f}  (target <= 1.10; "
           f"medians {statistics.median(full) / statistics.median(base):.3f})")
 
 
-def data_pipeline(batches: int) -> None:
-    cfg = resolve_config()  # the embedded default preset
+def data_pipeline(batches: int, steps: int = 5) -> None:
+    cfg = resolve_config(overrides={"log_every": 0.0})  # the embedded default preset, no progress lines
     device = torch.device("cpu")
     loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg), device)
     seed_epoch(loader, cfg.seed, 0)
@@ -91,15 +92,8 @@ def data_pipeline(batches: int) -> None:
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg)
     views = next(iter(loader))[0]
-
-    def step() -> None:
-        logits, labels = model(views[0], views[1])
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(logits, labels).backward()
-        optimizer.step()
-
-    step()
-    step_rate = cfg.batch_size / statistics.median(_timed(step, 5))
+    engine_seconds(cfg, model, optimizer, views, 1)  # warm-up
+    step_rate = cfg.batch_size * steps / engine_seconds(cfg, model, optimizer, views, steps)
     print(f"  embedded default ({cfg.preset}, {cfg.arch} {cfg.image_size}px, batch {cfg.batch_size}, "
           f"{cfg.workers} worker(s)): loader {load_rate:8.1f} img/s, step {step_rate:8.1f} img/s  ->  "
           f"loader / step {load_rate / step_rate:.2f}  (target > 1: the loader is not the bottleneck)")
