@@ -6,8 +6,6 @@ random draw of the torchvision transforms, in the same order from the same gener
 
 - hue: two table look-ups per pixel in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills
   once per process (100 MB, shared by forked workers), so every byte is PIL's;
-- to tensor and normalise: the views leave the workers as uint8 (a quarter of the bytes to collate and pass
-  between processes) and the training step normalises the batch on its device (`normalize_views`).
 
 The other ops stay torchvision's (docs/pipeline.md says which levers were measured and left). A seeded draw
 therefore gives the torchvision recipe's views (tests/test_cpu_views.py), so exact resume, per-image seeds and
@@ -20,11 +18,8 @@ import threading
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision import transforms as T
-
-from moco_transfer.augment import IMAGENET_MEAN, IMAGENET_STD
 
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None
 _TABLES_LOCK = threading.Lock()
@@ -82,25 +77,6 @@ class FastColorJitter(T.ColorJitter):
         return img
 
 
-class Uint8Tensor:
-    """The view as a CHW uint8 tensor: ToTensor + Normalize move to the training step (`normalize_views`)."""
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        array = np.array(image)  # writable, so torch can wrap it
-        return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1).contiguous()
-
-    def __repr__(self) -> str:
-        return "Uint8Tensor()"
-
-
-def normalize_views(views: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
-                    std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
-    """A uint8 batch (N, C, H, W) as ToTensor + Normalize would have made it, in float32 on its device."""
-    shift = torch.tensor(mean, device=views.device).mul_(255).view(1, -1, 1, 1)
-    scale = torch.tensor(std, device=views.device).mul_(255).reciprocal_().view(1, -1, 1, 1)
-    return views.to(torch.float32).sub_(shift).mul_(scale)
-
-
 def _fast(transform: Any) -> Any:
     if type(transform) is T.ColorJitter:
         fast = FastColorJitter()
@@ -113,11 +89,5 @@ def _fast(transform: Any) -> Any:
 
 
 def fast_views(augmentation: T.Compose) -> T.Compose:
-    """The same recipe with the fast ops and uint8 output: the same random draws and, after `normalize_views`,
-    the same views. The recipe must end in ToTensor + Normalize with ImageNet's mean and std."""
-    *steps, to_tensor, normalize = augmentation.transforms
-    if not (isinstance(to_tensor, T.ToTensor) and isinstance(normalize, T.Normalize)
-            and tuple(normalize.mean) == IMAGENET_MEAN and tuple(normalize.std) == IMAGENET_STD):
-        raise ValueError(f"fast_views: expected a recipe ending in ToTensor and ImageNet's Normalize, got "
-                         f"{augmentation}")
-    return T.Compose([*(_fast(t) for t in steps), Uint8Tensor()])
+    """The same recipe with the fast hue: the same random draws and the same views."""
+    return T.Compose([_fast(t) for t in augmentation.transforms])
