@@ -1,11 +1,10 @@
-"""The CPU pipeline's aug+ and v1 views: torchvision's recipe with its slow ops swapped for exact fast ones.
+"""The CPU pipeline's aug+ and v1 views: torchvision's recipe with its hue op swapped for an exact fast one.
 
 Where one loader core spends its time on a 500x375 photograph (docs/pipeline.md has the table): PIL's hue
 (two float RGB<->HSV conversions per pixel, 80% of the views) was the largest part. `fast_views` keeps every
-random draw of the torchvision transforms, in the same order from the same generator, and replaces:
-
-- hue: two table look-ups per pixel in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills
-  once per process (100 MB, shared by forked workers), so every byte is PIL's;
+random draw of the torchvision transforms, in the same order from the same generator, and does the hue with
+two table look-ups per pixel, in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills once
+per process (100 MB, shared by forked workers), so every byte is PIL's.
 
 The other ops stay torchvision's (docs/pipeline.md says which levers were measured and left). A seeded draw
 therefore gives the torchvision recipe's views (tests/test_cpu_views.py), so exact resume, per-image seeds and
