@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,23 @@ def _numbers(figures: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+_EVENT_FILE_SECOND = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def _wait_past_older_event_files(folder: Path) -> None:
+    """Sleep (at most a second) until this process's event file will sort after every older one.
+
+    Readers apply a restart marker only to events in files that sort before it, by name. Names are
+    `events.out.tfevents.<second>.<host>.<pid>.<counter>`: within one second, pid and counter decide, as text
+    (".10" sorts before ".9"). A later second decides alone, so a writer opened in a later second than every
+    older file is always read last. Only a restart within the same second (tests, a crash at start) waits.
+    """
+    seconds = [int(m.group(1)) for f in folder.glob("events.out.tfevents.*")
+               if (m := _EVENT_FILE_SECOND.match(f.name))] if folder.is_dir() else []
+    if seconds and time.time() < max(seconds) + 1:
+        time.sleep(max(seconds) + 1 - time.time())
+
+
 class RunLog:
     """One run's TensorBoard writer and W&B run; inert on ranks other than 0 and when nothing is on.
 
@@ -74,6 +93,7 @@ class RunLog:
         if options.tensorboard or (options.tensorboard is None and tensorboard_available()):
             from torch.utils.tensorboard import SummaryWriter
 
+            _wait_past_older_event_files(self.folder / TENSORBOARD_DIR)
             self._tb = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=first_step, flush_secs=30)
             if config is not None:
                 lines = "\n".join(f"{k}: {v!r}" for k, v in config.items())

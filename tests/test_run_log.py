@@ -51,6 +51,19 @@ def test_a_fresh_start_hides_every_older_event(tmp_path):
     assert read_scalars(tmp_path) == {"x": [(1, 2.0)]}
 
 
+def test_a_restart_in_the_same_second_still_hides_older_events(tmp_path):
+    # Within one second the names' pid and counter decide the readers' order, as text (".10" before ".9");
+    # an older file named to sort last in its second stands for that case, whatever this host is called.
+    with RunLog(tmp_path, MonitorOptions(tensorboard=True), name="old") as log:
+        log.scalars({"x": 1.0}, 3)
+    (old,) = (tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*")
+    second = old.name.split(".")[3]
+    old.rename(old.with_name(f"events.out.tfevents.{second}.~~~"))
+    with RunLog(tmp_path, MonitorOptions(tensorboard=True), name="new") as log:
+        log.scalars({"x": 2.0}, 1)
+    assert read_scalars(tmp_path) == {"x": [(1, 2.0)]}
+
+
 def test_off_and_other_ranks_write_nothing(tmp_path):
     with RunLog(tmp_path / "off", MonitorOptions(tensorboard=False), name="off") as log:
         assert not log.active
