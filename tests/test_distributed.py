@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,8 +61,9 @@ def test_shuffle_across_ranks_and_shared_queue(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_process_pretraining(tiny_folder, tmp_path):
-    torchrun = shutil.which("torchrun")
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+    # The entry point users type, from this interpreter's own bin (PATH may name another Python's torchrun).
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = ([str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--standalone", "--nproc_per_node", "2", "-m", "moco_transfer.cli", "pretrain",
         *_tiny_args(tiny_folder, tmp_path / "ddp", 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
