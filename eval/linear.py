@@ -6,12 +6,11 @@ training, resize/center-crop for validation, a check that no backbone tensor cha
 cached: the same optimiser and schedule on features of the center crops, extracted once and cached.
 lbfgs: scikit-learn's L2-regularised logistic regression, C chosen on a held-out part of train.
 
-SIGTERM or SIGUSR1 during SGD training stops it after the step in progress: the state (fc, optimizer, history
-and where the epoch stood) goes to linear_checkpoint.pth.tar and the run exits with EXIT_STOPPED (75);
-`--resume` then runs the rest of that epoch. Each epoch's order is seeded by (seed, epoch) and each training
-image's crop and flip by (seed, epoch, index), so a resumed run sees the batches and views the straight run
-would have seen, whichever worker loads them. The loader workers outlive a signal sent to the whole process
-group (Slurm, torchrun's agent, `timeout`), so that the main process can save, and end when training does.
+SIGTERM or SIGUSR1 during SGD training stops it after the step in progress (moco_transfer.step_loop): the state
+(fc, optimizer, history, where the epoch stood) goes to linear_checkpoint.pth.tar, the run exits with EXIT_STOPPED
+(75), and `--resume` runs the rest of that epoch with the batches and views (moco_transfer.seeded_order) of the
+straight run. The loader workers outlive a signal sent to the whole process group (Slurm, torchrun's agent,
+`timeout`), so that the main process can save, and end when training does.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,9 @@ from moco_transfer.pretrained import PresetLinear, PretrainedBackbone, load_pret
 from moco_transfer.progress import progress
 from moco_transfer.run_log import MonitorOptions, RunLog
 from moco_transfer.schedule import lr_at_epoch
-from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
-from moco_transfer.signals import StoppedBySignal, StopRequest, loader_worker_init, shut_down_workers
+from moco_transfer.seeded_order import EpochSampler, SeededItems, epoch_seed
+from moco_transfer.signals import StopRequest, loader_worker_init, shut_down_workers
+from moco_transfer.step_loop import EpochPosition, StepLoop, mid_epoch_record, restore_random_states, resume_position
 
 from .common import backbone_features
 from .plots import save_curve
@@ -51,6 +52,7 @@ BASE_LR = 30.0
 PROTOCOL_EPOCHS = 100
 IMAGENET_PROTOCOL = "the ImageNet protocol"
 STATE_NAME = "linear_checkpoint.pth.tar"
+SUMS = ("loss_sums", "seen")  # a step's loss x its images, and its images: running sums per rank
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,19 +145,22 @@ def evaluate(fc: nn.Module, batches: Batches, device: torch.device) -> dict[str,
 class FeatureSource:
     """Where the fc's inputs come from: a frozen backbone on images, or cached feature tensors.
 
-    `start_at(batch)` makes the next `train_batches` begin at that batch of the epoch without producing the ones
-    before it (a run resumed mid-epoch); it applies to one epoch only.
+    Training batches follow `sampler` (seeded by (seed, epoch), padded: every rank runs `len(self)` steps, or one
+    would wait in DDP's all-reduce). `start_at(batch)` makes the next `train_batches` begin at that batch without
+    producing the ones before it (a run resumed mid-epoch); it applies to one epoch only.
     """
 
-    num_train: int
+    sampler: EpochSampler
+    seed: int
     start: int = 0
 
     def start_at(self, batch: int) -> None:
         self.start = batch
 
-    def _take_start(self) -> int:
-        start, self.start = self.start, 0
-        return start
+    def _seed_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch_seed(epoch_seed(self.seed, epoch))
+        self.sampler.start_at(self.start)
+        self.start = 0
 
     def train_batches(self, epoch: int) -> Batches:
         raise NotImplementedError
@@ -163,70 +168,32 @@ class FeatureSource:
     def val_batches(self) -> Batches:
         raise NotImplementedError
 
+    def __len__(self) -> int:  # batches in a whole epoch, whatever start_at says
+        return self.sampler.batches()
+
     def close(self) -> None:
         """Stop whatever loads the batches (loader workers); the next epoch would start it again."""
 
 
-class EpochOrder(torch.utils.data.Sampler):
-    """This rank's share of a permutation seeded by (seed, epoch), as `(epoch seed, index)` keys for SeededViews.
-
-    Ranks split it as DistributedSampler does (padded with its head to a multiple of the world, every world-th
-    index). Unlike a shuffling DataLoader, whose order depends on how many epochs the loader has run, epoch e's
-    order is the same in a resumed run, and `start` skips batches without loading them.
-    """
-
-    def __init__(self, size: int, per_rank: int, seed: int, world: int = 1, rank: int = 0) -> None:
-        self.size, self.per_rank, self.seed, self.world, self.rank = size, per_rank, seed, world, rank
-        self.epoch = self.start = 0
-
-    def _shard(self) -> list[int]:
-        order = rank_share(self.size, epoch_seed(self.seed, self.epoch), self.world, self.rank, pad=True)
-        return order[self.start * self.per_rank:]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        seed = epoch_seed(self.seed, self.epoch)
-        return iter([(seed, i) for i in self._shard()])
-
-    def __len__(self) -> int:
-        return max(math.ceil(self.size / self.world) - self.start * self.per_rank, 0)
-
-
-class SeededViews(torch.utils.data.Dataset):
-    """Item `(epoch seed, i)`: image i with its random crop and flip drawn from that pair alone.
-
-    The torchvision transforms draw from torch's global generator, which differs between loader workers and
-    between a straight and a resumed run; forking it around each item makes the views depend on nothing else.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        return draw_item(self.dataset, *key)
-
-
 class BackboneSource(FeatureSource):
-    """Images through the frozen backbone (eval mode, no grad); training shards via EpochOrder."""
+    """Images through the frozen backbone (eval mode, no grad); each training image's crop and flip seeded by
+    (epoch seed, index), which the sampler's keys carry to the persistent loader workers."""
 
     def __init__(self, backbone: nn.Module, train_set: Any, val_set: Any, batch_size: int, workers: int,
                  device: torch.device, seed: int) -> None:
-        self.backbone, self.device = backbone, device
+        self.backbone, self.device, self.seed = backbone, device, seed
         world, rank = du.world_size(), du.rank()
         per_rank = max(1, batch_size // world)
-        self.sampler = EpochOrder(len(train_set), per_rank, seed, world, rank)
+        self.sampler = EpochSampler(len(train_set), per_rank, world, rank, pad=True, keys=True)
         pin = device.type == "cuda"
         self.train_loader = torch.utils.data.DataLoader(
-            SeededViews(train_set), batch_size=per_rank, sampler=self.sampler, num_workers=workers,
+            SeededItems(train_set), batch_size=per_rank, sampler=self.sampler, num_workers=workers,
             pin_memory=pin, collate_fn=collate_with_skips, persistent_workers=workers > 0,
             worker_init_fn=loader_worker_init())
         shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world))) if world > 1 else val_set
         self.val_loader = torch.utils.data.DataLoader(
             shard, batch_size=per_rank, shuffle=False, num_workers=workers, pin_memory=pin,
             collate_fn=collate_with_skips, worker_init_fn=loader_worker_init())
-        self.num_train = len(train_set)
         self.bad_paths: list[str] = []
 
     def _features(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,14 +210,11 @@ class BackboneSource(FeatureSource):
                 shut_down_workers(batches)
 
     def train_batches(self, epoch: int) -> Batches:
-        self.sampler.epoch, self.sampler.start = epoch, self._take_start()
+        self._seed_epoch(epoch)
         return self._features(self.train_loader)
 
     def val_batches(self) -> Batches:
         return self._features(self.val_loader)
-
-    def __len__(self) -> int:  # batches in a whole epoch, whatever start_at says
-        return math.ceil(math.ceil(self.sampler.size / self.sampler.world) / self.sampler.per_rank)
 
     def close(self) -> None:
         """Stop the persistent training workers now, not at interpreter exit (where PyTorch's shutdown is a no-op)."""
@@ -259,42 +223,27 @@ class BackboneSource(FeatureSource):
 
 class TensorSource(FeatureSource):
     """Cached features, reshuffled each epoch into mini-batches (batch_size <= 0: one full batch).
-
-    Each rank takes its share of the (seed, epoch) permutation padded as EpochOrder pads it, so every rank runs
-    exactly `len(self)` steps: a rank with one batch fewer would leave the others waiting in DDP's all-reduce.
-    `world`/`rank` default to the process group's.
-    """
+    `world`/`rank` default to the process group's."""
 
     def __init__(self, train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
                  batch_size: int, seed: int, world: int | None = None, rank: int | None = None) -> None:
-        self.world = du.world_size() if world is None else world
-        self.rank = du.rank() if rank is None else rank
+        world = du.world_size() if world is None else world
+        rank = du.rank() if rank is None else rank
         self.train_f, self.train_l = train_f, train_l
-        self.val_f, self.val_l = val_f[self.rank::self.world], val_l[self.rank::self.world]
-        self.batch = batch_size if batch_size > 0 else len(train_f)
-        self.per_rank = max(1, self.batch // self.world)
-        self.seed, self.num_train = seed, len(train_f)
+        self.val_f, self.val_l = val_f[rank::world], val_l[rank::world]
+        self.per_rank = max(1, (batch_size if batch_size > 0 else len(train_f)) // world)
+        self.seed, self.sampler = seed, EpochSampler(len(train_f), self.per_rank, world, rank, pad=True)
 
-    def train_batches(self, epoch: int) -> Batches:
-        return self._batches(epoch, self._take_start())
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """This rank's indices for `epoch`, from (seed, epoch) alone: the same in a resumed run."""
-        return torch.tensor(rank_share(self.num_train, epoch_seed(self.seed, epoch), self.world, self.rank, pad=True),
-                            dtype=torch.long)
-
-    def _batches(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order(epoch)
-        for start in range(first * self.per_rank, len(order), self.per_rank):
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._seed_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        for start in range(0, len(order), self.per_rank):
             idx = order[start:start + self.per_rank]
             yield self.train_f[idx], self.train_l[idx]
 
     def val_batches(self) -> Batches:
         for start in range(0, len(self.val_f), 4096):
             yield self.val_f[start:start + 4096], self.val_l[start:start + 4096]
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(self.num_train / self.world) / self.per_rank)
 
 
 def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: LinearConfig, device: torch.device,
@@ -328,62 +277,55 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
         mid = state.get("mid_epoch")
-        if mid is not None and len(mid["loss_sums"]) != du.world_size():
-            raise CheckpointError(f"--resume {state_path}: stopped mid-epoch with {len(mid['loss_sums'])} "
+        if mid is not None and len(mid["seen"]) != du.world_size():
+            raise CheckpointError(f"--resume {state_path}: stopped mid-epoch with {len(mid['seen'])} "
                                   f"process(es), now {du.world_size()}; resume with as many")
 
-    def save(epoch_done: int, extra: dict[str, Any] | None = None) -> None:
+    def save(epoch_done: int, extra: dict[str, Any] | None = None) -> Path | None:
         if state_path is not None and du.is_main_process():
             atomic_save({"epoch": epoch_done, "fc": fc.state_dict(), "optimizer": optimizer.state_dict(),
                          "history": history, "meta": meta or {}, **(extra or {})}, state_path)
         du.barrier()
+        return state_path
 
     epochs_bar = progress(range(start_epoch, cfg.epochs), desc=f"linear {cfg.mode}", initial=start_epoch,
                           total=cfg.epochs, dynamic_ncols=True, disable=not du.is_main_process(), unit="epoch")
     # A resumed run continues its curves: what the stopped run logged after its state was saved is hidden.
     run_log = open_log(start_epoch + 1 if resume and (history or mid) else 0) if open_log else None
+    loop = StepLoop("linear", stop, lambda at: save(at.epoch, {"mid_epoch": mid_epoch_record(at, device)}),
+                    resume="--resume")
+
+    def show(bar: Any, lr: float, rows: list[list[float]]) -> None:  # at each read of the step figures
+        bar.set_postfix(loss=f"{rows[-1][0] / rows[-1][1]:.3f}", lr=f"{lr:.3g}",
+                        img_s=f"{loop.position.seen * du.world_size() / max(loop.position.seconds, 1e-9):.0f}")
+
     for epoch in epochs_bar:
         lr = lr_at_epoch(lr0, epoch, cfg.epochs, False, milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
         fc.train()
-        loss_sum, seen, step, before = 0.0, 0, 0, 0.0
-        if mid is not None and mid["epoch"] == epoch:
-            step, before = int(mid["step"]), float(mid["train_seconds"])
-            loss_sum, seen = float(mid["loss_sums"][du.rank()]), int(mid["seen"][du.rank()])
-            source.start_at(step)
-        mid = None
-        steps = len(source)
-        t0 = time.perf_counter()
-        bar = progress(source.train_batches(epoch), total=steps, initial=step, leave=False, dynamic_ncols=True,
+        resumed = mid is not None and mid["epoch"] == epoch
+        start, states = resume_position(mid, SUMS) if resumed else (EpochPosition(epoch), {})
+        restore_random_states(states, device)
+        source.start_at(start.step)
+        mid, steps = None, len(source)
+        bar = progress(source.train_batches(epoch), total=steps, initial=start.step, leave=False, dynamic_ncols=True,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (show_batches and du.is_main_process()))
-        for feats, labels in bar:
+        for feats, labels in loop.run(bar, start, steps - start.step, SUMS, device, partial(show, bar, lr)):
             feats, labels = feats.to(device), labels.to(device)
             loss = F.cross_entropy(model(feats), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}",
-                            img_s=f"{seen * du.world_size() / (before + time.perf_counter() - t0):.0f}")
-            if stop is not None and step < steps and du.agree([stop.requested], device)[0]:
-                bar.close()
-                sums = du.concat_all_gather(torch.tensor([[loss_sum, seen]], dtype=torch.float64, device=device))
-                save(epoch, {"mid_epoch": {"epoch": epoch, "step": step, "loss_sums": sums[:, 0].tolist(),
-                                           "seen": [int(n) for n in sums[:, 1].tolist()],
-                                           "train_seconds": before + time.perf_counter() - t0}})
-                raise StoppedBySignal(f"linear: stopped by {stop.signal_name} in epoch {epoch + 1} after batch "
-                                      f"{step} of {steps}; wrote {state_path}. Continue with --resume.")
-        train_time = before + time.perf_counter() - t0
+            loop.put(loss.detach() * labels.numel(), labels.numel())
+        at = loop.position
         if epoch == start_epoch and after_first_epoch is not None:
             after_first_epoch()
         fc.eval()
         acc = evaluate(fc, source.val_batches(), device)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": du.all_reduce_mean(loss_sum / max(seen, 1), device),
-               "top1": acc["top1"], "top5": acc["top5"], "train_seconds": train_time,
-               "images_per_s": seen * du.world_size() / max(train_time, 1e-9)}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": du.all_reduce_mean(at.loss_sums / max(at.seen, 1), device),
+               "top1": acc["top1"], "top5": acc["top5"], "train_seconds": at.seconds,
+               "images_per_s": at.seen * du.world_size() / max(at.seconds, 1e-9)}
         history.append(row)
         if run_log is not None:  # flushed each epoch: a stop signal raises before any close
             run_log.scalars(row, epoch + 1, prefix="linear/")
@@ -391,9 +333,7 @@ def train_sgd(source: FeatureSource, in_features: int, num_classes: int, cfg: Li
         epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.3g}", top1=f"{acc['top1']:.2f}",
                                best=f"{max(h['top1'] for h in history):.2f}")
         save(epoch + 1)
-        if stop is not None and epoch + 1 < cfg.epochs and du.agree([stop.requested], device)[0]:
-            raise StoppedBySignal(f"linear: stopped by {stop.signal_name} after epoch {epoch + 1}; wrote "
-                                  f"{state_path}. Continue with --resume.")
+        loop.stop_after(epoch, cfg.epochs, state_path)
     if run_log is not None:
         run_log.close()
     if not history:

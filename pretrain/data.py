@@ -7,11 +7,8 @@ stopped mid-epoch continues with the views it would have drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from moco_transfer import distributed as du
 from moco_transfer.augment import TwoCrops, moco_v1_augmentation, moco_v2_augmentation
@@ -24,7 +21,7 @@ from moco_transfer.data import (
 )
 from moco_transfer.file_lists import pretrain_samples, scan_once
 from moco_transfer.named_sets import ArrayImages, load_named_split, named_set
-from moco_transfer.seeded_order import draw_item, epoch_seed, rank_share
+from moco_transfer.seeded_order import EpochSampler, SeededItems, epoch_seed
 from moco_transfer.signals import loader_worker_init
 
 from .config import PretrainConfig
@@ -74,60 +71,6 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
     return SeededItems(ImageFolderDataset(found.root, views, found.classes, found.samples))
 
 
-class SeededItems(torch.utils.data.Dataset):
-    """Draws item i's views from a seed made of the epoch's seed and i, whichever worker makes it and when.
-
-    The CPU augmentations draw from torch's global generator; here it is forked around each item, so the main
-    process's own draws (the key shuffle) are untouched when the loader runs in it (`--workers 0`).
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-        self.epoch_seed = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str) -> Any:  # root, samples, classes, targets of the wrapped set
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int) -> Any:
-        return draw_item(self.dataset, self.epoch_seed, index)
-
-
-class EpochSampler(Sampler[int]):
-    """This rank's indices of a seeded per-epoch permutation, optionally starting at a given batch.
-
-    The permutation is shared by all ranks (rank r takes every world-th index, as DistributedSampler does,
-    after dropping the tail that would not split evenly); `start_at(batch)` skips that many of this rank's
-    batches in the next pass only, which is how a mid-epoch checkpoint resumes without reading them.
-    """
-
-    def __init__(self, size: int, batch_size: int, world: int = 1, rank: int = 0) -> None:
-        self.size, self.batch_size, self.world, self.rank = size, batch_size, world, rank
-        self.seed = 0
-        self.start = 0
-
-    def set_epoch_seed(self, seed: int) -> None:
-        self.seed, self.start = seed, 0
-
-    def start_at(self, batch: int) -> None:
-        self.start = batch
-
-    def _indices(self) -> list[int]:
-        mine = rank_share(self.size, self.seed, self.world, self.rank)
-        return mine[:len(mine) - len(mine) % self.batch_size][self.start * self.batch_size:]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        per_rank = self.size // self.world
-        return max(per_rank - per_rank % self.batch_size - self.start * self.batch_size, 0)
-
-
 def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset,
                           device: torch.device) -> DataLoader | DevicePipeline:
     """drop_last keeps every batch full, so K stays a multiple of the batch and the queue wraps exactly.
@@ -142,8 +85,8 @@ def build_pretrain_loader(cfg: PretrainConfig, dataset: torch.utils.data.Dataset
     if len(dataset) // world < per_rank:
         raise DataError(f"{getattr(dataset, 'root', 'data')}: {len(dataset)} images, fewer than one global batch "
                         f"of {cfg.batch_size}; lower --batch-size")
-    sampler = EpochSampler(len(dataset), per_rank, world, du.rank())
     gpu = resolve_pipeline(cfg, device) == "gpu"
+    sampler = EpochSampler(len(dataset), per_rank, world, du.rank(), keys=not gpu)  # the device path reads indices
     loader = DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
         pin_memory=device.type == "cuda", collate_fn=collate_raw if gpu else collate_with_skips,
@@ -165,9 +108,7 @@ def seed_epoch(loader: DataLoader | DevicePipeline, seed: int, epoch: int) -> No
     if isinstance(loader, DevicePipeline):
         loader.seed(base + 15_485_863 * (du.rank() + 1))
         loader = loader.loader
-    loader.sampler.set_epoch_seed(base)
-    if isinstance(loader.dataset, SeededItems):
-        loader.dataset.epoch_seed = base
+    loader.sampler.set_epoch_seed(base)  # the CPU path's views too: its keys carry the seed (SeededItems)
     loader.generator.manual_seed(base + 7919 * (du.rank() + 1))
     torch.manual_seed(base + 104_729 * (du.rank() + 1))
 

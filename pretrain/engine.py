@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,12 @@ from moco_transfer.checkpoint import (
     with_module_prefix,
     without_module_prefix,
 )
-from moco_transfer.distributed import agree
 from moco_transfer.fileio import atomic_open, describe_key_mismatch, write_json_atomic
 from moco_transfer.progress import progress, write
 from moco_transfer.run_log import TENSORBOARD_DIR, WANDB_ID_FILE, MonitorOptions, RunLog
 from moco_transfer.schedule import lr_at_epoch
 from moco_transfer.signals import shut_down_workers
+from moco_transfer.step_loop import SYNC_SECONDS, EpochPosition, StepLoop, mid_epoch_record, resume_position
 
 from .config import ConfigError, PretrainConfig, resolve_amp, save_resolved
 from .curves import save_pretrain_curves
@@ -42,15 +42,7 @@ from .gpu_pipeline import DevicePipeline, pipeline_choice
 from .monitor import KnnMonitor
 from .online_probe import CHECKPOINT_KEY as PROBE_KEY
 from .online_probe import OnlineProbe, dataset_classes
-from .preemption import (
-    MID_EPOCH_NAME,
-    EpochPosition,
-    StoppedBySignal,
-    StopRequest,
-    newest_checkpoint,
-    rank_states,
-    restore_random_states,
-)
+from .preemption import MID_EPOCH_NAME, StopRequest, newest_checkpoint, restore_random_states
 
 CURVES_NAME = "curves.png"
 SUMMARY_NAME = "pretrain.json"
@@ -159,26 +151,21 @@ class EpochStats:
     acc1: float
     images_per_s: float
     skipped: list[str]
-    stopped_at: EpochPosition | None = None  # set when a stop signal ended the epoch early
     probe_top1: float | None = None  # the online probe's top-1 (%) on the epoch's labelled images
+    lr: float = 0.0
 
 
 @dataclass
 class EpochControl:
-    """What train_one_epoch needs beyond the step: where to start, when to stop, when to save.
+    """What train_one_epoch needs beyond the step: the run's step loop, where to start, the probe, who hears reads."""
 
-    `save(position)` writes the mid-epoch checkpoint; it runs every `save_every_s` seconds (0: never) at a
-    figures read. Under torchrun the reads fall every `read_every` steps (agreed by all ranks), so a stop or a
-    save is decided by all of them at the same step, with one small all-reduce per read.
-    """
-
-    stop: StopRequest | None = None
-    save: Callable[[EpochPosition], None] | None = None
-    save_every_s: float = 0.0
+    loop: StepLoop = field(default_factory=StepLoop)
     start: EpochPosition | None = None
-    read_every: int = 10
     probe: OnlineProbe | None = None
     on_read: Callable[[dict[str, float], int], None] | None = None  # (figures since the last read, global step)
+
+
+RUNNING_SUMS = ("loss_sum", "acc_sum", "probe_correct", "probe_seen")  # a step's loss, top-1 (%), probe counts
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -190,72 +177,46 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-SYNC_SECONDS = 1.0  # how often train_one_epoch reads the step figures from the device (one sync each time)
-
-
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device, epoch: int,
                     lr: float, control: EpochControl | None = None) -> EpochStats:
-    """One epoch of MoCo steps without a host sync per step.
-
-    Each step's loss and top-1 stay on the device in a per-epoch buffer; the host reads the new entries in one
-    transfer about every SYNC_SECONDS (under torchrun: every `control.read_every` steps) and at the end of the
-    epoch, checks them for NaN/inf there and names the first bad step. The epoch's checkpoint is written only
-    after that last check, so the previous good one stays. A stop request ends the epoch after the step in
-    progress (single process) or at the next read (all ranks at once); the caller then saves where it stood.
-    """
-    control = control or EpochControl()
-    start = control.start or EpochPosition(epoch, 0, 0.0, 0.0)
-    distributed = du.is_distributed()
+    """One epoch of MoCo steps without a host sync per step (the step loop reads their figures about once a second).
+    Each read checks the new losses for NaN/inf and names the first bad step; the epoch's checkpoint is written
+    only after the last check, so the previous good one stays."""
+    control = control or EpochControl(StepLoop(seconds=SYNC_SECONDS))
+    loop, probe = control.loop, control.probe
+    start = control.start or EpochPosition(epoch)
     model.train()
     amp_dtype = autocast_dtype(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_steps = start.step + len(loader)
-    # per step: loss, top-1 fraction, the online probe's correct and labelled counts
-    figures = torch.zeros(max(len(loader), 1), 4, device=device)
-    loss_sum, acc_sum = start.loss_sum, start.acc_sum
-    probe_correct, probe_seen = start.probe_correct, start.probe_seen
-    probe = control.probe
-    steps = read = 0
     skipped: list[str] = []
-    stopped = False
-    begin = last_read = last_save = time.perf_counter()
     bar = progress(total=total_steps, initial=start.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not du.is_main_process(), dynamic_ncols=True, leave=False, mininterval=1.0,
                    log_every=cfg.log_every)
 
-    def read_figures() -> None:
-        nonlocal loss_sum, acc_sum, probe_correct, probe_seen, read
-        window = figures[read:steps].tolist()
-        for offset, (loss_value, acc, correct, labelled) in enumerate(window):
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {start.step + read + offset + 1} "
-                    f"(lr {lr:.4g}); the run stopped and the last good checkpoint in {cfg.output} is intact. Lower "
-                    f"--lr or --base-lr{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
-            loss_sum += loss_value
-            acc_sum += acc * 100.0
-            probe_correct += correct
-            probe_seen += labelled
-        read = steps
-        images_per_s = steps * cfg.batch_size / (time.perf_counter() - begin)
-        window_loss = sum(w[0] for w in window) / max(len(window), 1)
-        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}", refresh=False)
-        if control.on_read is not None and window:
-            shown = {"loss": window_loss, "acc1": 100.0 * sum(w[1] for w in window) / len(window), "lr": lr,
-                     "images_per_s": images_per_s}
-            labelled_now = sum(w[3] for w in window)
-            if probe is not None and labelled_now:
-                shown["online_probe_top1"] = 100.0 * sum(w[2] for w in window) / labelled_now
-            control.on_read(shown, epoch * total_steps + start.step + steps)
+    def images_per_s(at: EpochPosition) -> float:
+        return (at.step - start.step) * cfg.batch_size / max(at.seconds - start.seconds, 1e-9)
 
-    def position() -> EpochPosition:
-        return EpochPosition(epoch, start.step + steps, loss_sum, acc_sum, probe_correct, probe_seen)
+    def check(rows: list[list[float]]) -> None:
+        at = loop.position
+        bad = next((i for i, row in enumerate(rows) if not math.isfinite(row[0])), None)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss became {rows[bad][0]} at epoch {epoch + 1}, step {at.step - len(rows) + bad + 1} "
+                f"(lr {lr:.4g}); the run stopped and the last good checkpoint in {cfg.output} is intact. Lower "
+                f"--lr or --base-lr{', or use --amp bf16/none' if cfg.amp == 'fp16' else ''}.")
+        loss, acc1, correct, labelled = (sum(column) / len(rows) for column in zip(*rows, strict=True))
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s(at):.1f}", refresh=False)
+        if control.on_read is not None:
+            shown = {"loss": loss, "acc1": acc1, "lr": lr, "images_per_s": images_per_s(at)}
+            if probe is not None and labelled:
+                shown["online_probe_top1"] = 100.0 * correct / labelled
+            control.on_read(shown, epoch * total_steps + at.step)
 
     batches = iter(loader)
     try:
-        for views, targets, bad in batches:
+        for views, targets, bad in loop.run(batches, start, len(loader), RUNNING_SUMS, device, check):
             skipped.extend(bad)
             im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
             im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
@@ -266,49 +227,21 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            figures[steps, 0] = loss.detach()
-            figures[steps, 1] = (logits.argmax(dim=1) == labels).float().mean()
-            if probe is not None:
-                figures[steps, 2:] = probe.step(targets)
-            steps += 1
+            top1 = (logits.argmax(dim=1) == labels).float().mean() * 100.0
+            loop.put(loss.detach(), top1, *(probe.step(targets) if probe is not None else (0.0, 0.0)))
             bar.update()
-            now = time.perf_counter()
-            due = steps % control.read_every == 0 if distributed else now - last_read >= SYNC_SECONDS
-            wants_stop = control.stop is not None and control.stop.requested
-            if not (due or (wants_stop and not distributed)):
-                continue
-            read_figures()
-            last_read = now
-            save_due = control.save is not None and control.save_every_s > 0 and now - last_save >= control.save_every_s
-            stop, save = agree([wants_stop, save_due], device)
-            if stop and steps < len(loader):
-                stopped = True
-                break
-            if save and steps < len(loader):
-                control.save(position())
-                last_save = time.perf_counter()
     finally:  # loader workers and a device pipeline's producer thread stop here, also on an error or Ctrl-C
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        bar.close()
+        getattr(batches, "close", lambda: None)()
         shut_down_workers(batches)
-    if read < steps:
-        read_figures()
-    bar.close()
-    elapsed = time.perf_counter() - begin
-    done = start.step + steps
+    at = loop.position
     probe_top1 = None
     if probe is not None:
-        correct, labelled = (du.all_reduce_mean(v, device) for v in (probe_correct, probe_seen))
+        correct, labelled = (du.all_reduce_mean(v, device) for v in (at.probe_correct, at.probe_seen))
         probe_top1 = 100.0 * correct / labelled if labelled else None
-    return EpochStats(
-        loss=du.all_reduce_mean(loss_sum / max(done, 1), device),
-        acc1=du.all_reduce_mean(acc_sum / max(done, 1), device),
-        images_per_s=steps * cfg.batch_size / elapsed,
-        skipped=skipped,
-        stopped_at=position() if stopped else None,
-        probe_top1=probe_top1,
-    )
+    return EpochStats(loss=du.all_reduce_mean(at.loss_sum / max(at.step, 1), device),
+                      acc1=du.all_reduce_mean(at.acc_sum / max(at.step, 1), device), images_per_s=images_per_s(at),
+                      skipped=skipped, probe_top1=probe_top1, lr=lr)
 
 
 def _same_setting(name: str, saved: Any, now: Any) -> bool:
@@ -376,191 +309,214 @@ def run_pretraining(cfg: PretrainConfig, resume: str | None = None, force: bool 
     checkpoint is written); `resume="auto"` continues from the newest checkpoint, mid-epoch ones included.
     Without `resume`, an output folder that holds a run is refused unless `force` (see claim_output).
     """
-    MonitorOptions(cfg.tensorboard, cfg.wandb).check()  # a missing package fails before any work
-    device = select_device(cfg)
-    amp, why = resolve_amp(cfg.amp, device)
-    if amp != cfg.amp:  # the run records what it computes in: config.yaml and the checkpoint say bf16 or none
-        log(f"--amp auto: {amp} ({why})")
-        cfg = replace(cfg, amp=amp)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
-    claim_output(out, resume, force)
-    dataset = build_pretrain_dataset(cfg, device)
-    loader = build_pretrain_loader(cfg, dataset, device)
-    model = build_model(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        compile_encoders(model)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    probe = build_online_probe(cfg, dataset, model, device)
-    start_epoch, history, position, rng_states, stored_knn = 0, [], None, None, None
+    run = PretrainRun(cfg, resume, force)
+    run.resume(resolve_resume(resume, cfg.output))
+    run.begin()
+    epochs = progress(range(run.start_epoch, cfg.epochs), initial=run.start_epoch, total=cfg.epochs, desc="pretrain",
+                      disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0, log_every=cfg.log_every)
+    try:
+        for epoch in epochs:
+            stats = run.train_epoch(epoch)
+            run.record(epoch, stats, epochs)
+            run.save_epoch(epoch)
+            run.loop.stop_after(epoch, cfg.epochs, run.ckpt_path)
+    finally:
+        run.close()
+    epochs.close()
+    return run.finish()
 
-    resume_path = resolve_resume(resume, cfg.output)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        changes = _check_resumable(cfg, ckpt.get("config", {}), resume_path, int(ckpt.get("epoch", 0)))
+
+class PretrainRun:
+    """One run of run_pretraining, each part a method: set-up (here), resume, begin; then for each epoch train,
+    record, save (the loop's `stop_after` is the maybe-stop); then finish."""
+
+    def __init__(self, cfg: PretrainConfig, resume: str | None, force: bool) -> None:
+        """Device and precision, the output folder claimed, data, model, optimizer, online probe, kNN monitor."""
+        MonitorOptions(cfg.tensorboard, cfg.wandb).check()  # a missing package fails before any work
+        self.device = device = select_device(cfg)
+        amp, why = resolve_amp(cfg.amp, device)
+        if amp != cfg.amp:  # the run records what it computes in: config.yaml and the checkpoint say bf16 or none
+            log(f"--amp auto: {amp} ({why})")
+            cfg = replace(cfg, amp=amp)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.out = cfg, Path(cfg.output)
+        claim_output(self.out, resume, force)
+        dataset = build_pretrain_dataset(cfg, device)
+        self.loader = build_pretrain_loader(cfg, dataset, device)
+        self.model = model = build_model(cfg).to(device)
+        if cfg.channels_last:
+            self.model = model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            compile_encoders(model)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.probe = build_online_probe(cfg, dataset, model, device)
+        self.train_model: nn.Module = model  # DDP's under torchrun; a resume loads into `model`, which it shares
+        if du.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        monitored = (cfg.knn_every or cfg.print_baseline) and du.is_main_process()
+        self.monitor = KnnMonitor(cfg, device) if monitored else None
+        self.start_epoch, self.history, self.loop = 0, [], StepLoop()
+        self.position: EpochPosition | None = None  # where a mid-epoch checkpoint stood, until its epoch starts
+        self.rng_states: dict[str, Any] = {}  # and this rank's random states there
+        self.stored_knn = self.random_init_knn = self.ckpt_path = self.run_log = None
+
+    def resume(self, path: Path | None) -> None:
+        """Continue from `path`: weights, optimizer, scaler, probe, history, and where a mid-epoch checkpoint stood."""
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        changes = _check_resumable(self.cfg, ckpt.get("config", {}), path, int(ckpt.get("epoch", 0)))
         if changes:
-            log(f"resuming {resume_path} with changed settings: {', '.join(changes)}")
-        for note in load_model_state(model, ckpt["state_dict"], str(resume_path)):
-            log(f"{resume_path}: {note}")
+            log(f"resuming {path} with changed settings: {', '.join(changes)}")
+        for note in load_model_state(self.model, ckpt["state_dict"], str(path)):
+            log(f"{path}: {note}")
         if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and cfg.amp == "fp16":
-            scaler.load_state_dict(ckpt["scaler"])
-        if probe is not None and not probe.load_checkpoint_state(ckpt.get(PROBE_KEY, {})):
-            log(f"{resume_path}: no online probe for {probe.num_classes} classes in the file; a fresh one starts")
-        start_epoch, history = int(ckpt.get("epoch", 0)), list(ckpt.get("history", []))
-        stored_knn = ckpt.get("random_init_knn")
-        position, rng_states = _mid_epoch_start(ckpt, resume_path)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and self.cfg.amp == "fp16":
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.probe is not None and not self.probe.load_checkpoint_state(ckpt.get(PROBE_KEY, {})):
+            log(f"{path}: no online probe for {self.probe.num_classes} classes in the file; a fresh one starts")
+        self.start_epoch, self.history = int(ckpt.get("epoch", 0)), list(ckpt.get("history", []))
+        self.stored_knn = ckpt.get("random_init_knn")
+        self.position, self.rng_states = _mid_epoch_start(ckpt, path)
+        self.ckpt_path = find_latest(self.out) if self.start_epoch else None
 
-    train_model: nn.Module = model
-    if du.is_distributed():
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor = KnnMonitor(cfg, device) if (cfg.knn_every or cfg.print_baseline) and du.is_main_process() else None
-    random_init_knn = None
-    if monitor is not None and cfg.print_baseline:
-        random_init_knn = _random_init_knn(cfg, monitor, device, stored_knn)
-    choice = pipeline_choice(cfg, device)  # the self-check's verdict, cached when the loader was built
-    if du.is_main_process():
-        save_resolved(cfg, out)
-        _write_log(out, history)
-        log(f"MoCo pretraining: {cfg.arch}, {len(dataset)} images, {len(loader)} steps/epoch, "
-            f"batch {cfg.batch_size} on {du.world_size()} process(es), lr {cfg.effective_lr:.4g}, "
-            f"K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head"
-            f"{' + BN' if cfg.head_bn else ''}, {'aug+' if cfg.aug_plus else 'v1 aug'} (crops >= {cfg.crop_min:g}"
-            f"{'' if cfg.flip else ', no mirror'}), {'cosine' if cfg.cos else 'step'} lr, device {device}, "
-            f"{choice.name} data pipeline")
-        if choice.reason:
-            log(choice.reason)
-
-    def probe_state() -> dict[str, Any]:
-        return {PROBE_KEY: probe.checkpoint_state()} if probe is not None else {}
-
-    def save_mid_epoch(at: EpochPosition) -> Path:
-        pipeline_rng = loader.consumed_rng if isinstance(loader, DevicePipeline) else None
-        states = rank_states(at, pipeline_rng, device)  # every rank takes part
-        path = out / MID_EPOCH_NAME
+    def begin(self) -> None:
+        """Before the first step: the random-weights kNN, config.yaml and the header, the monitors' logs, and the
+        stop signals turned into the step loop's flag."""
+        cfg, at, steps = self.cfg, self.position, len(self.loader)
+        if self.monitor is not None and cfg.print_baseline:
+            self.random_init_knn = _random_init_knn(cfg, self.monitor, self.device, self.stored_knn)
+        choice = pipeline_choice(cfg, self.device)  # the self-check's verdict, cached when the loader was built
         if du.is_main_process():
-            extra = {"mid_epoch": {"epoch": at.epoch, "step": at.step, "rng": states}, **probe_state()}
-            atomic_save(checkpoint_dict(cfg, model, optimizer, scaler, at.epoch, history, random_init_knn, extra), path)
+            save_resolved(cfg, self.out)
+            _write_log(self.out, self.history)
+            log(f"MoCo pretraining: {cfg.arch}, {len(self.loader.dataset)} images, {steps} steps/epoch, "
+                f"batch {cfg.batch_size} on {du.world_size()} process(es), lr {cfg.effective_lr:.4g}, "
+                f"K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, {'MLP' if cfg.mlp else 'fc'} head"
+                f"{' + BN' if cfg.head_bn else ''}, {'aug+' if cfg.aug_plus else 'v1 aug'} (crops >= "
+                f"{cfg.crop_min:g}{'' if cfg.flip else ', no mirror'}), {'cosine' if cfg.cos else 'step'} lr, "
+                f"device {self.device}, {choice.name} data pipeline")
+            if choice.reason:
+                log(choice.reason)
+        first_step = (at.epoch * steps + at.step if at is not None else self.start_epoch * steps) + (
+            1 if self.start_epoch or at is not None else 0)
+        self.run_log = RunLog(self.out, MonitorOptions(cfg.tensorboard, cfg.wandb), name=f"pretrain {self.out.name}",
+                              config=cfg.to_dict(), first_step=first_step, main_process=du.is_main_process())
+        self.loop = StepLoop("pretrain", StopRequest().install(), self.save_mid_epoch, cfg.checkpoint_every_min * 60)
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        """Epoch `epoch` at its lr and seeded order, from where a mid-epoch checkpoint stood if in this epoch (a
+        stop request ends it with the mid-epoch checkpoint written and StoppedBySignal)."""
+        cfg, loader = self.cfg, self.loader
+        lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        seed_epoch(loader, cfg.seed, epoch)
+        control = EpochControl(self.loop, probe=self.probe,
+                               on_read=partial(self.run_log.scalars, prefix="train/") if self.run_log.active else None)
+        if self.position is not None and self.position.epoch == epoch:
+            note = start_epoch_at(loader, self.position.step, self.rng_states.get("pipeline"))
+            if note:
+                log(note)
+            restore_random_states(self.rng_states, self.device)
+            control.start, self.position = self.position, None
+        return train_one_epoch(self.train_model, loader, self.optimizer, self.scaler, cfg, self.device, epoch, lr,
+                               control)
+
+    def save_mid_epoch(self, at: EpochPosition) -> Path:
+        """The mid-epoch checkpoint; every rank takes part (their sums and random states are gathered)."""
+        pipeline_rng = self.loader.consumed_rng if isinstance(self.loader, DevicePipeline) else None
+        record = mid_epoch_record(at, self.device, pipeline_rng.cpu() if pipeline_rng is not None else None)
+        path = self.out / MID_EPOCH_NAME
+        if du.is_main_process():
+            atomic_save(checkpoint_dict(self.cfg, self.model, self.optimizer, self.scaler, at.epoch, self.history,
+                                        self.random_init_knn, {"mid_epoch": record, **self.probe_state()}), path)
         du.barrier()
         return path
 
-    steps_per_epoch = len(loader)
-    first_step = (position.epoch * steps_per_epoch + position.step if position is not None
-                  else start_epoch * steps_per_epoch) + (1 if start_epoch or position is not None else 0)
-    run_log = RunLog(out, MonitorOptions(cfg.tensorboard, cfg.wandb), name=f"pretrain {out.name}",
-                     config=cfg.to_dict(), first_step=first_step, main_process=du.is_main_process())
-    stop = StopRequest().install()
-    read_every = 10  # under torchrun; set from the measured step rate after each epoch
-    ckpt_path = find_latest(out) if start_epoch else None
-    epochs_bar = progress(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, desc="pretrain",
-                          disable=not du.is_main_process(), dynamic_ncols=True, mininterval=1.0,
-                          log_every=cfg.log_every)
-    try:
-        for epoch in epochs_bar:
-            lr = lr_at_epoch(cfg.effective_lr, epoch, cfg.epochs, cfg.cos, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            seed_epoch(loader, cfg.seed, epoch)
-            control = EpochControl(stop=stop, save=save_mid_epoch, save_every_s=cfg.checkpoint_every_min * 60.0,
-                                   read_every=read_every, probe=probe,
-                                   on_read=partial(run_log.scalars, prefix="train/") if run_log.active else None)
-            if position is not None and position.epoch == epoch:
-                note = start_epoch_at(loader, position.step, rng_states.get("pipeline"))
-                if note:
-                    log(note)
-                restore_random_states(rng_states, device)
-                control.start, position = position, None
-            stats = train_one_epoch(train_model, loader, optimizer, scaler, cfg, device, epoch, lr, control)
-            if stats.stopped_at is not None:
-                path = save_mid_epoch(stats.stopped_at)
-                total = (control.start.step if control.start else 0) + len(loader)
-                raise StoppedBySignal(f"stopped by {stop.signal_name} in epoch {epoch + 1} after batch "
-                                      f"{stats.stopped_at.step} of {total}; wrote {path}. Continue with --resume auto.")
-            rate = du.all_reduce_mean(stats.images_per_s / cfg.batch_size, device)  # steps/s, equal on every rank
-            read_every = max(1, min(1000, round(SYNC_SECONDS * rate)))
-            record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": lr, "acc1": round(stats.acc1, 4),
-                      "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
-            if stats.probe_top1 is not None:
-                record["online_probe_top1"] = round(stats.probe_top1, 3)
-            if isinstance(loader, DevicePipeline):
-                record.update(loader.epoch_record())
-                warning = loader.fallback_warning()
-                if warning:
-                    log(warning)
-            if stats.skipped:
-                record["skipped_examples"] = stats.skipped[:20]
-                log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
-                    + "; ".join(stats.skipped[:3]))
-            last = epoch + 1 == cfg.epochs
-            if monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or last):
-                record["knn_top1"] = round(monitor(model.encoder_q), 3)
-            epochs_bar.set_postfix(loss=f"{stats.loss:.4f}", acc1=f"{stats.acc1:.1f}", lr=f"{lr:.4g}",
-                                   img_s=f"{stats.images_per_s:.1f}", refresh=False)
-            log(json.dumps(record))
-            history.append(record)
-            run_log.scalars(record, (epoch + 1) * steps_per_epoch, prefix="epoch/")
-            if du.is_main_process():
-                ckpt_path = _save(cfg, model, optimizer, scaler, epoch, history, out, random_init_knn, probe_state())
-                _write_log(out, history)
-                _write_curves(cfg, out, history, random_init_knn)
-            du.barrier()
-            if not last and agree([stop.requested], device)[0]:
-                raise StoppedBySignal(f"stopped by {stop.signal_name} after epoch {epoch + 1}; wrote {ckpt_path}. "
-                                      "Continue with --resume auto.")
-    finally:
-        stop.close()
-        run_log.close()
-        if probe is not None:
-            probe.remove()
-    epochs_bar.close()
+    def record(self, epoch: int, stats: EpochStats, bar: Any) -> None:
+        """The epoch's figures, with the kNN monitor's top-1 when due: a line in log.jsonl (and on the console),
+        TensorBoard/W&B's epoch/ figures and the epochs bar."""
+        cfg, loader = self.cfg, self.loader
+        record = {"epoch": epoch + 1, "loss": round(stats.loss, 6), "lr": stats.lr, "acc1": round(stats.acc1, 4),
+                  "images_per_s": round(stats.images_per_s, 2), "skipped_files": len(stats.skipped)}
+        if stats.probe_top1 is not None:
+            record["online_probe_top1"] = round(stats.probe_top1, 3)
+        if isinstance(loader, DevicePipeline):
+            record.update(loader.epoch_record())
+            warning = loader.fallback_warning()
+            if warning:
+                log(warning)
+        if stats.skipped:
+            record["skipped_examples"] = stats.skipped[:20]
+            log(f"epoch {epoch + 1}: skipped {len(stats.skipped)} unreadable image file(s), e.g. "
+                + "; ".join(stats.skipped[:3]))
+        if self.monitor is not None and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            record["knn_top1"] = round(self.monitor(self.model.encoder_q), 3)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", acc1=f"{stats.acc1:.1f}", lr=f"{stats.lr:.4g}",
+                        img_s=f"{stats.images_per_s:.1f}", refresh=False)
+        log(json.dumps(record))
+        self.history.append(record)
+        self.run_log.scalars(record, (epoch + 1) * len(loader), prefix="epoch/")
 
-    summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(ckpt_path) if ckpt_path else None,
-                               "last": history[-1] if history else None}
-    if not du.is_main_process():
+    def save_epoch(self, epoch: int) -> None:
+        """The epoch's checkpoint, log.jsonl and curves (rank 0); then the ranks go on together."""
+        if du.is_main_process():
+            self.ckpt_path = _save(self.cfg, self.model, self.optimizer, self.scaler, epoch, self.history, self.out,
+                                   self.random_init_knn, self.probe_state())
+            _write_log(self.out, self.history)
+            _write_curves(self.cfg, self.out, self.history, self.random_init_knn)
+        du.barrier()
+
+    def finish(self) -> dict[str, Any]:
+        """The summary (every rank returns it; rank 0 writes pretrain.json and prints the kNN verdict)."""
+        cfg, history, monitor = self.cfg, self.history, self.monitor
+        summary: dict[str, Any] = {"epochs": cfg.epochs, "checkpoint": str(self.ckpt_path) if self.ckpt_path else None,
+                                   "last": history[-1] if history else None}
+        if not du.is_main_process():
+            return summary
+        if monitor is not None:
+            summary["knn_top1"] = history[-1].get("knn_top1") if history else None
+            if summary["knn_top1"] is None:
+                summary["knn_top1"] = round(monitor(self.model.encoder_q), 3)
+            summary.update(knn_top1_random_init=self.random_init_knn, knn_k=cfg.knn_k, knn_t=cfg.knn_t,
+                           knn_data=monitor.data_name)
+        write_json_atomic(summary, self.out / SUMMARY_NAME)
+        if self.random_init_knn is not None:
+            log(f"weighted kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on the held-out split: "
+                f"pretrained {summary['knn_top1']:.2f}%  vs  random weights {self.random_init_knn:.2f}%")
+        log(f"learning curves: {self.out / CURVES_NAME}; summary: {self.out / SUMMARY_NAME}; checkpoint: "
+            f"{self.ckpt_path}")
         return summary
-    if monitor is not None:
-        summary["knn_top1"] = history[-1].get("knn_top1") if history else None
-        if summary["knn_top1"] is None:
-            summary["knn_top1"] = round(monitor(model.encoder_q), 3)
-        summary.update(knn_top1_random_init=random_init_knn, knn_k=cfg.knn_k, knn_t=cfg.knn_t,
-                       knn_data=monitor.data_name)
-    write_json_atomic(summary, out / SUMMARY_NAME)
-    if random_init_knn is not None:
-        log(f"weighted kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on the held-out split: "
-            f"pretrained {summary['knn_top1']:.2f}%  vs  random weights {random_init_knn:.2f}%")
-    log(f"learning curves: {out / CURVES_NAME}; summary: {out / SUMMARY_NAME}; checkpoint: {ckpt_path}")
-    return summary
+
+    def probe_state(self) -> dict[str, Any]:
+        return {PROBE_KEY: self.probe.checkpoint_state()} if self.probe is not None else {}
+
+    def close(self) -> None:
+        """After `begin`, however the run ends: the signal handlers back, the logs closed, the probe's hook removed."""
+        self.loop.stop.close()
+        self.run_log.close()
+        if self.probe is not None:
+            self.probe.remove()
 
 
-RUNNING_SUMS = ("loss_sum", "acc_sum", "probe_correct", "probe_seen")  # EpochPosition's, in its order
-
-
-def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | None, dict[str, Any] | None]:
-    """Where a mid-epoch checkpoint stood, and this rank's random states; (None, None) for epoch checkpoints."""
+def _mid_epoch_start(ckpt: dict[str, Any], path: Path) -> tuple[EpochPosition | None, dict[str, Any]]:
+    """Where a mid-epoch checkpoint stood, and this rank's random states; (None, {}) for epoch checkpoints."""
     mid = ckpt.get("mid_epoch")
     if mid is None:
         log(f"resumed from {path} at epoch {int(ckpt.get('epoch', 0))}")
-        return None, None
-    states = mid["rng"]
-    epoch, step = int(mid["epoch"]), int(mid["step"])
-    log(f"resumed from {path} in epoch {epoch + 1}, after its batch {step}")
-    if len(states) == du.world_size():
-        mine = states[du.rank()]
-        return EpochPosition(epoch, step, *(float(mine.get(k, 0.0)) for k in RUNNING_SUMS)), mine
-    # Another world size. The seeded order makes the first `step` global batches the same images at any world
-    # size (EpochSampler: rank r takes every world-th index of one permutation), so the place is kept: the
-    # weights have seen those batches. Each rank's running sums become the old ranks' mean (the epoch's
-    # figures are means over ranks); the random states are the epoch's seeded ones, since the old ranks' do
-    # not map onto the new ones: the key shuffle of the remaining batches differs from an unstopped run.
-    log(f"{path}: written by {len(states)} process(es), this run has {du.world_size()}: the epoch continues "
-        f"after batch {step} with freshly seeded key shuffles")
-    mean = [sum(float(s.get(k, 0.0)) for s in states) / len(states) for k in RUNNING_SUMS]
-    return EpochPosition(epoch, step, *mean), {"pipeline": None}
+        return None, {}
+    position, states = resume_position(mid, RUNNING_SUMS)
+    log(f"resumed from {path} in epoch {position.epoch + 1}, after its batch {position.step}")
+    if len(mid["rng"]) != du.world_size():
+        # The first `step` global batches are the same images at any world size (EpochSampler), so the place is kept;
+        # the old ranks' random states do not map onto the new ones: the rest of the epoch shuffles keys afresh.
+        log(f"{path}: written by {len(mid['rng'])} process(es), this run has {du.world_size()}: the epoch "
+            f"continues after batch {position.step} with freshly seeded key shuffles")
+    return position, states
 
 
 def _random_init_knn(cfg: PretrainConfig, monitor: KnnMonitor, device: torch.device,
