@@ -1,10 +1,14 @@
-"""The CPU pipeline's aug+ and v1 views: torchvision's recipe with its hue op swapped for an exact fast one.
+"""The CPU pipeline's aug+ and v1 views: torchvision's recipe with its slow ops swapped for exact fast ones.
 
 Where one loader core spends its time on a 500x375 photograph (docs/pipeline.md has the table): PIL's hue
 (two float RGB<->HSV conversions per pixel, 80% of the views) was the largest part. `fast_views` keeps every
-random draw of the torchvision transforms, in the same order from the same generator, and does the hue with
-two table look-ups per pixel, in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills once
-per process (100 MB, shared by forked workers), so every byte is PIL's.
+random draw of the torchvision transforms, in the same order from the same generator, and replaces:
+
+- hue: two table look-ups per pixel in tables that PIL's own RGB<->HSV conversion of all 16.7M colours fills
+  once per process (100 MB, shared by forked workers), so every byte is PIL's;
+- to tensor and normalise: the views leave the workers as uint8 (a quarter of the bytes to collate and pass
+  between processes) and the training step normalises the batch on its device (`normalize_views`, with the
+  same float32 bits as ToTensor + Normalize).
 
 The other ops stay torchvision's (docs/pipeline.md says which levers were measured and left). A seeded draw
 therefore gives the torchvision recipe's views (tests/test_cpu_views.py), so exact resume, per-image seeds and
@@ -17,8 +21,11 @@ import threading
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from moco_transfer.augment import IMAGENET_MEAN, IMAGENET_STD
 
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None
 _TABLES_LOCK = threading.Lock()
@@ -76,6 +83,30 @@ class FastColorJitter(T.ColorJitter):
         return img
 
 
+class Uint8Tensor:
+    """The view as a CHW uint8 tensor: ToTensor + Normalize move to the training step (`normalize_views`)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.array(image)  # writable, so torch can wrap it
+        return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return "Uint8Tensor()"
+
+
+def normalize_views(views: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """A uint8 batch (N, C, H, W) as ToTensor + Normalize made it, bit for bit, in float32 on its device.
+
+    The same elementwise ops in the same order (/ 255, - mean, / std), each rounded to float32 as theirs are: a
+    fused (x - 255 mean) / (255 std) differs in the last bit, and a run's trajectory follows such bits.
+    """
+    shape = (1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=views.device).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=views.device).view(shape)
+    return views.to(torch.float32).div_(255).sub_(mean_t).div_(std_t)
+
+
 def _fast(transform: Any) -> Any:
     if type(transform) is T.ColorJitter:
         fast = FastColorJitter()
@@ -88,5 +119,11 @@ def _fast(transform: Any) -> Any:
 
 
 def fast_views(augmentation: T.Compose) -> T.Compose:
-    """The same recipe with the fast hue: the same random draws and the same views."""
-    return T.Compose([_fast(t) for t in augmentation.transforms])
+    """The same recipe with the fast ops and uint8 output: the same random draws and, after `normalize_views`,
+    the same views. The recipe must end in ToTensor + Normalize with ImageNet's mean and std."""
+    *steps, to_tensor, normalize = augmentation.transforms
+    if not (isinstance(to_tensor, T.ToTensor) and isinstance(normalize, T.Normalize)
+            and tuple(normalize.mean) == IMAGENET_MEAN and tuple(normalize.std) == IMAGENET_STD):
+        raise ValueError(f"fast_views: expected a recipe ending in ToTensor and ImageNet's Normalize, got "
+                         f"{augmentation}")
+    return T.Compose([*(_fast(t) for t in steps), Uint8Tensor()])

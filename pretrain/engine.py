@@ -36,6 +36,7 @@ from moco_transfer.signals import shut_down_workers
 from moco_transfer.step_loop import SYNC_SECONDS, EpochPosition, StepLoop, mid_epoch_record, resume_position
 
 from .config import ConfigError, PretrainConfig, resolve_amp, save_resolved
+from .cpu_views import normalize_views
 from .curves import save_pretrain_curves
 from .data import build_pretrain_dataset, build_pretrain_loader, seed_epoch, start_epoch_at
 from .gpu_pipeline import DevicePipeline, pipeline_choice
@@ -177,6 +178,15 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def model_input(views: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch of views on `device`: the CPU pipeline's uint8 views (a quarter of the bytes to move) are
+    normalised there; the device pipeline's arrive normalised."""
+    views = views.to(device, non_blocking=True)
+    if views.dtype == torch.uint8:
+        views = normalize_views(views)
+    return views.contiguous(memory_format=memory_format)
+
+
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device, epoch: int,
                     lr: float, control: EpochControl | None = None) -> EpochStats:
@@ -218,8 +228,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     try:
         for views, targets, bad in loop.run(batches, start, len(loader), RUNNING_SUMS, device, check):
             skipped.extend(bad)
-            im_q = views[0].to(device, non_blocking=True, memory_format=memory_format)
-            im_k = views[1].to(device, non_blocking=True, memory_format=memory_format)
+            im_q, im_k = (model_input(v, device, memory_format) for v in views)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits, labels = model(im_q, im_k)
                 loss = F.cross_entropy(logits, labels)

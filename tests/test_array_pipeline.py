@@ -135,7 +135,9 @@ def test_the_device_path_draws_views_with_the_cpu_paths_statistics(tmp_path):
         cfg = _cfg(tmp_path, data_pipeline=pipeline, batch_size=64, moco_k=64, image_size=24)
         loader = build_pretrain_loader(cfg, build_pretrain_dataset(cfg, CPU), CPU)
         seed_epoch(loader, cfg.seed, 0)
-        views[pipeline] = torch.cat([torch.cat(v) for v, _, _ in loader]).float()
+        # what the training step sees: the CPU path's uint8 views normalised as the engine does
+        views[pipeline] = torch.cat([engine.model_input(torch.cat(v), CPU, torch.contiguous_format)
+                                     for v, _, _ in loader])
     n = len(views["cpu"])
     assert n == len(views["gpu"]) == 640
     stats = (lambda x: x.mean(dim=(2, 3)), lambda x: x.std(dim=(2, 3)),

@@ -13,8 +13,10 @@ from torchvision import transforms as T
 from moco_transfer.augment import IMAGENET_MEAN, IMAGENET_STD, moco_v1_augmentation, moco_v2_augmentation
 from moco_transfer.pretrain.cpu_views import (
     FastColorJitter,
+    Uint8Tensor,
     adjust_hue,
     fast_views,
+    normalize_views,
 )
 
 GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)  # one grey level in normalised units, at the widest channel
@@ -28,6 +30,15 @@ def photos() -> list[Image.Image]:
 
 def _bytes(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
+
+
+def test_uint8_views_normalised_on_the_device_are_to_tensor_then_normalize(photos):
+    images = [photos[i].crop((0, 0, 224, 224)) for i in (0, 1)]
+    expected = torch.stack([TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD) for image in images])
+    batch = torch.stack([Uint8Tensor()(image) for image in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 3, 224, 224)
+    assert torch.equal(normalize_views(batch), expected)  # bit for bit: a run's trajectory follows the last bits
+    assert Uint8Tensor()(images[0].convert("L")).shape == (1, 224, 224)  # as ToTensor's (Normalize then refuses it)
 
 
 @pytest.mark.parametrize("factor", [-0.1, -0.0625, -0.004, 0.0, 0.02, 0.1])
@@ -59,6 +70,7 @@ def test_views_are_the_torchvision_recipe_at_the_same_seed(photos, recipe):
                  "v1": lambda: moco_v1_augmentation(224),
                  "v2-28px": lambda: moco_v2_augmentation(28, 0.2, flip=False, blur=False)}[recipe]()
     fast = fast_views(reference)
+    assert isinstance(fast.transforms[-1], Uint8Tensor)
     for seed in range(16):
         torch.manual_seed(seed)
         expected = reference(photos[seed % 2])
@@ -66,4 +78,10 @@ def test_views_are_the_torchvision_recipe_at_the_same_seed(photos, recipe):
         torch.manual_seed(seed)
         got = fast(photos[seed % 2])
         assert torch.rand(1) == after  # the same draws: the generator ends where the recipe's did
-        assert torch.equal(got, expected)
+        assert got.dtype == torch.uint8
+        assert torch.equal(normalize_views(got[None])[0], expected)
+
+
+def test_fast_views_refuses_a_recipe_it_cannot_finish():
+    with pytest.raises(ValueError, match="ToTensor and ImageNet's Normalize"):
+        fast_views(T.Compose([T.RandomResizedCrop(32), T.ToTensor()]))

@@ -21,6 +21,7 @@ from moco_transfer.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_transfer.data import InMemoryDataset
 from moco_transfer.pretrain import data as pretrain_data
 from moco_transfer.pretrain.config import resolve_config
+from moco_transfer.pretrain.engine import model_input
 
 CPU = torch.device("cpu")
 SIDE = 64          # probe images, cropped and resized to the preset's 16 px
@@ -73,7 +74,8 @@ def preset_views(pipeline: str, image: Image.Image, monkeypatch: pytest.MonkeyPa
     assert asked == [("scattered-digits", "pretrain", 16)]
     loader = pretrain_data.build_pretrain_loader(cfg, dataset, CPU)
     pretrain_data.seed_epoch(loader, cfg.seed, 0)
-    views = torch.cat([torch.cat(list(pair)) for pair, _, _ in loader]).float()
+    views = model_input(torch.cat([torch.cat(list(pair)) for pair, _, _ in loader]), CPU,
+                        torch.contiguous_format)  # what the step sees: the CPU path's uint8 views normalised
     assert views.shape == (2 * n, 3, 16, 16)
     return views * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 

@@ -20,6 +20,7 @@ from moco_transfer.cli import main
 from moco_transfer.named_sets import ArraySplit
 from moco_transfer.pretrain import data as pretrain_data
 from moco_transfer.pretrain.config import PRESETS, PretrainConfig, resolve_config
+from moco_transfer.pretrain.engine import model_input
 
 from . import named_set_files as files
 
@@ -108,7 +109,8 @@ def sharpness(pipeline: str, blur: bool | None, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(pretrain_data, "load_named_split", lambda *args, **kwargs: checkerboards(n))
     loader = pretrain_data.build_pretrain_loader(cfg, pretrain_data.build_pretrain_dataset(cfg, CPU), CPU)
     pretrain_data.seed_epoch(loader, cfg.seed, 0)
-    views = torch.cat([torch.cat(list(pair)) for pair, _, _ in loader]).float()
+    views = model_input(torch.cat([torch.cat(list(pair)) for pair, _, _ in loader]), CPU,
+                        torch.contiguous_format)  # what the step sees: the CPU path's uint8 views normalised
     assert views.shape == (2 * n, 3, SIDE, SIDE)
     gray = (views * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
     gray = gray.mean(dim=1) * 255
