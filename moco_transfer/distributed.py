@@ -44,9 +44,17 @@ def init_from_env() -> torch.device:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """The evaluators' device: `name` when given, else this rank's under torchrun (init_from_env joins its group)."""
+    """The device of pretraining and the evaluators (init_from_env joins torchrun's group first).
+
+    None or "auto": this rank's GPU under torchrun, else the GPU when present, else the CPU. "cuda" without an
+    index: the same rank's GPU (not every rank on cuda:0). Anything else (cpu, cuda:1) as given.
+    """
     device = init_from_env()
-    return torch.device(name) if name else device
+    if name in (None, "auto"):
+        return device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible")
+    return device if name == "cuda" else torch.device(name)
 
 
 def _elastic_store() -> dist.Store | None:

@@ -69,15 +69,6 @@ def log(message: str) -> None:
         write(message)
 
 
-def select_device(cfg: PretrainConfig) -> torch.device:
-    device = du.init_from_env()
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda" and device.type != "cuda":
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    return device
-
-
 def build_model(cfg: PretrainConfig) -> MoCo:
     """Split BN only in a single process: with several processes the key shuffle crosses devices instead."""
     bn_splits = 1 if du.is_distributed() else cfg.bn_splits
@@ -342,7 +333,10 @@ class PretrainRun:
     def __init__(self, cfg: PretrainConfig, resume: str | None, force: bool) -> None:
         """Device and precision, the output folder claimed, data, model, optimizer, online probe, kNN monitor."""
         MonitorOptions(cfg.tensorboard, cfg.wandb).check()  # a missing package fails before any work
-        self.device = device = select_device(cfg)
+        try:
+            self.device = device = du.pick_device(cfg.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         amp, why = resolve_amp(cfg.amp, device)
         if amp != cfg.amp:  # the run records what it computes in: config.yaml and the checkpoint say bf16 or none
             log(f"--amp auto: {amp} ({why})")

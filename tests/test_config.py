@@ -139,3 +139,18 @@ def test_amp_auto_takes_bf16_only_where_the_cpu_computes_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert resolve_amp("auto", cpu) == ("bf16", "the CPU has AMX")
     assert resolve_amp("bf16", cpu) == ("bf16", "") and resolve_amp("none", cpu) == ("none", "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_one_device_rule_for_pretraining_and_the_evaluators(tmp_path):
+    from moco_transfer.distributed import pick_device
+    from moco_transfer.pretrain.engine import run_pretraining
+
+    assert pick_device(None) == pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"--device {name}: no CUDA device is visible"):
+            pick_device(name)
+    cfg = resolve_config(overrides={"device": "cuda", "output": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="--device cuda: no CUDA device is visible"):
+        run_pretraining(cfg)
+    assert not (tmp_path / "run").exists()  # refused before the output folder is claimed
