@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import itertools
 import os
 import shutil
 import statistics
@@ -161,9 +162,10 @@ class RepeatedViews:
             yield self.views, self.targets, []
 
 
-def loader_rate(loader: Iterable, device: torch.device, batch: int, skip: int) -> float:
+def loader_rate(loader: Iterable, device: torch.device, batch: int, skip: int, batches: int | None = None) -> float:
+    """images/s after batch `skip` (worker start-up left out); `batches`: only that many more."""
     timed = Timed(loader, skip)
-    for _ in timed:
+    for _ in itertools.islice(timed, None if batches is None else skip + 1 + batches):
         pass
     sync(device)
     return timed.rate(batch, time.perf_counter(), consumed=False)
@@ -174,19 +176,6 @@ def official_loader(folder: Path, size: int, batch: int, workers: int) -> torch.
     dataset = torchvision.datasets.ImageFolder(str(folder), TwoCrops(moco_v2_augmentation(size)))
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
                                        drop_last=True)
-
-
-def loader_pass(loader: Iterable, batches: int, skip: int) -> float:
-    """images/s over `batches` batches after `skip` (worker start-up, the first batches made in parallel)."""
-    batches_in = iter(loader)
-    for _ in range(skip):
-        next(batches_in)
-    started, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(batches_in)[0][0].shape[0]
-    rate = images / (time.perf_counter() - started)
-    del batches_in  # stops the workers
-    return rate
 
 
 def compare_loaders(cfg: PretrainConfig, folder: Path, workers: int, batch: int, batches: int, rounds: int
@@ -205,8 +194,8 @@ def compare_loaders(cfg: PretrainConfig, folder: Path, workers: int, batch: int,
         torch.set_num_threads(1 if n == 0 else threads)
         try:
             for _ in range(rounds):
-                best["official"] = max(best["official"], loader_pass(official, batches, skip))
-                best["ours"] = max(best["ours"], loader_pass(ours, batches, skip))
+                for name, loader in (("official", official), ("ours", ours)):
+                    best[name] = max(best[name], loader_rate(loader, torch.device("cpu"), batch, skip - 1, batches))
         finally:
             torch.set_num_threads(threads)
         ratio = best["ours"] / best["official"]

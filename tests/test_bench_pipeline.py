@@ -48,3 +48,16 @@ def test_bench_pipeline_quick_prints_every_rate_and_ratio(bench, tmp_path, monke
     assert figures["o_ratio_one_thread"] > 0 and figures["o_ratio_all_cores"] > 0
     assert "e_compile" not in figures  # (e) runs on CUDA only unless --compile
     assert list(tmp_path.glob("bench_pipeline_*")) == []  # the synthetic folder is removed afterwards
+
+
+def test_loader_rate_times_only_the_asked_batches_after_start_up(bench):
+    pulled: list[int] = []
+
+    def batches():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    # batch 1 starts the clock (0 and 1: start-up), 3 more are timed, nothing is drawn after them
+    assert bench.loader_rate(batches(), torch.device("cpu"), batch=4, skip=1, batches=3) > 0
+    assert pulled == [0, 1, 2, 3, 4]
