@@ -1,4 +1,4 @@
-"""The CPU pipeline's aug+ and v1 views: torchvision's recipe with its slow ops swapped for exact fast ones.
+"""The CPU pipeline's aug+ and v1 views: torchvision's recipe, its hue exact and fast, handed over as uint8.
 
 Where one loader core spends its time on a 500x375 photograph (docs/pipeline.md has the table): PIL's hue
 (two float RGB<->HSV conversions per pixel, 80% of the views) was the largest part. `fast_views` keeps every

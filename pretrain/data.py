@@ -61,7 +61,7 @@ def build_pretrain_dataset(cfg: PretrainConfig, device: torch.device | None = No
         augmentation = moco_v2_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip, blur=cfg.blur)
     else:  # v1 has no blur to switch off
         augmentation = moco_v1_augmentation(cfg.image_size, cfg.crop_min, flip=cfg.flip)
-    views = TwoCrops(fast_views(augmentation))  # the recipe's draws and views, a faster hue (cpu_views.py)
+    views = TwoCrops(fast_views(augmentation))  # the recipe's draws, a faster hue, uint8 out (cpu_views.py)
     hue_tables()  # here, before the loader forks its workers: they share the tables
     if named is not None:
         return SeededItems(ArrayImages(split, views))
