@@ -99,7 +99,8 @@ def normalize_views(views: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN
     """A uint8 batch (N, C, H, W) as ToTensor + Normalize made it, bit for bit, in float32 on its device.
 
     The same elementwise ops in the same order (/ 255, - mean, / std), each rounded to float32 as theirs are: a
-    fused (x - 255 mean) / (255 std) differs in the last bit, and a run's trajectory follows such bits.
+    fused (x - 255 mean) / (255 std) differs in the last bit, and a run's trajectory follows such bits. On CUDA
+    the result is the same: PyTorch's kernels are built without fast-math, so float32 / and - round exactly.
     """
     shape = (1, -1, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=views.device).view(shape)
